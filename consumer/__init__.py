@@ -1,0 +1,1 @@
+"""cdc-embedder: keep pgvector embeddings in sync with Postgres through Debezium and Kafka."""

@@ -1,0 +1,52 @@
+"""Micro-batching: gather records by count and by time, and collapse changes of one key to the newest."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TypeVar
+
+from consumer.events import Change, Key
+
+T = TypeVar("T")
+
+
+async def gather_batch(
+    fetch: Callable[[int, float], Awaitable[list[T]]],
+    max_events: int,
+    max_wait_s: float,
+    should_stop: Callable[[], bool] = lambda: False,
+    clock: Callable[[], float] = time.monotonic,
+) -> list[T]:
+    """Fetch until `max_events` records or until `max_wait_s` after the first record arrived.
+
+    ``fetch(max_records, timeout_s)`` returns what is there within the timeout. Waiting for the first
+    record is bounded by `max_wait_s` too, so the caller gets control back regularly (heartbeats,
+    shutdown, resuming paused partitions).
+    """
+    batch: list[T] = []
+    deadline = clock() + max_wait_s
+    while len(batch) < max_events and not should_stop():
+        remaining = deadline - clock()
+        if remaining <= 0:
+            break
+        records = await fetch(max_events - len(batch), remaining)
+        if records and not batch:
+            deadline = clock() + max_wait_s
+        batch.extend(records)
+    return batch
+
+
+def collapse(changes: Iterable[Change]) -> tuple[dict[Key, Change], list[Change]]:
+    """Keep the newest change of each key (by source position); return the winners and the losers."""
+    newest: dict[Key, Change] = {}
+    superseded: list[Change] = []
+    for change in changes:
+        current = newest.get(change.key)
+        if current is None or change.position >= current.position:
+            if current is not None:
+                superseded.append(current)
+            newest[change.key] = change
+        else:
+            superseded.append(change)
+    return newest, superseded

@@ -1,0 +1,147 @@
+"""`cdc-embedder`: run the consumer, manage the local stack and the connector, search, replay, demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+
+from consumer.settings import Settings, SettingsError, load_settings
+
+
+def say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _cmd_run(settings: Settings, _: argparse.Namespace) -> int:
+    from consumer.logs import configure_logging
+    from consumer.service import run_service
+
+    configure_logging(settings.log_level, settings.log_format)
+    return asyncio.run(run_service(settings))
+
+
+def _cmd_stack(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.stack import LocalStack
+
+    stack = LocalStack(settings)
+    if args.action == "up":
+        stack.up(progress=say)
+    elif args.action == "down":
+        stack.down(purge=args.purge, progress=say)
+    else:
+        for component, state in stack.status().items():
+            say(f"{component:10} " + "  ".join(f"{k}={v}" for k, v in state.items()))
+    return 0
+
+
+def _cmd_connector(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer import connectors
+
+    if args.action == "register":
+        name = connectors.register_connector(settings, args.file, progress=say)
+        say(f"connector {name} is RUNNING on {settings.connect_rest_url}")
+    elif args.action == "delete":
+        deleted = connectors.delete_connector(settings, path=args.file)
+        say("connector deleted" if deleted else "no such connector")
+    else:
+        say(str(connectors.connector_status(settings, path=args.file)))
+    return 0
+
+
+def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.demo import print_search
+
+    asyncio.run(print_search(settings, args.query, args.k, say))
+    return 0
+
+
+def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.dlq import ReplayFilter, replay_dead_letters
+
+    keep = ReplayFilter(args.error_class, _ms(args.since), _ms(args.until))
+    result = asyncio.run(replay_dead_letters(settings, keep, say))
+    say(
+        f"replayed {result.replayed} of {result.scanned} dead letters from {settings.dlq_topic} "
+        f"to {settings.source_topic}"
+    )
+    return 0
+
+
+def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.demo import run_demo
+
+    return asyncio.run(run_demo(settings, args.file, say))
+
+
+def _ms(value: str | None) -> int | None:
+    return int(datetime.fromisoformat(value).timestamp() * 1000) if value else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cdc-embedder", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("run", help="consume change events and keep the vector table in sync")
+    stack = commands.add_parser("stack", help="the local Postgres + Kafka + Kafka Connect, without Docker")
+    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("--purge", action="store_true", help="with down: delete all state but the jars")
+    connector = commands.add_parser("connector", help="the Debezium connector, through Connect's REST API")
+    connector.add_argument("action", choices=["register", "delete", "status"])
+    connector.add_argument(
+        "--file", type=Path, default=None, help="connector JSON (connectors/documents.json)"
+    )
+    search = commands.add_parser("search", help="embed a query and print the nearest rows")
+    search.add_argument("query")
+    search.add_argument("-k", type=int, default=5)
+    replay = commands.add_parser("replay-dlq", help="re-publish dead-lettered records to the source topic")
+    replay.add_argument("--error-class", default=None, help="only records of this class (e.g. model_error)")
+    replay.add_argument("--since", default=None, help="first failed at or after (ISO 8601)")
+    replay.add_argument("--until", default=None, help="first failed at or before (ISO 8601)")
+    demo = commands.add_parser("demo", help="stack up, connector, sample rows, consumer, then a search")
+    demo.add_argument("--file", type=Path, default=None, help="JSONL of {id, title, body} rows to load")
+    return parser
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "run": _cmd_run,
+    "stack": _cmd_stack,
+    "connector": _cmd_connector,
+    "search": _cmd_search,
+    "replay-dlq": _cmd_replay,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        return COMMANDS[args.command](settings, args)
+    except SettingsError as exc:
+        print(f"cdc-embedder: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        # Expected failures carry a message that names the setting to change; no traceback needed.
+        if type(exc).__name__ in _EXPECTED_ERRORS:
+            print(f"cdc-embedder: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+_EXPECTED_ERRORS = {
+    "ModelLoadError",
+    "SchemaError",
+    "KafkaUnavailable",
+    "StackError",
+    "ConnectorError",
+    "PoolTimeout",
+    "OperationalError",
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

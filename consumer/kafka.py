@@ -1,0 +1,127 @@
+"""Kafka clients built from settings: security options, the publisher, topic set-up and lag."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.helpers import create_ssl_context
+
+from consumer.retry import Headers
+from consumer.settings import Settings, env_name
+
+# New topics (Debezium creates the source topic on its first event) must be seen within seconds.
+METADATA_MAX_AGE_MS = 5000
+
+
+class KafkaUnavailable(RuntimeError):
+    """The brokers cannot be reached; the message names the setting."""
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "bootstrap_servers": settings.bootstrap_servers,
+        "security_protocol": settings.kafka_security_protocol,
+        "client_id": "cdc-embedder",
+    }
+    if settings.kafka_security_protocol.endswith("SSL"):
+        options["ssl_context"] = create_ssl_context(
+            cafile=str(settings.kafka_ssl_cafile) if settings.kafka_ssl_cafile else None,
+            certfile=str(settings.kafka_ssl_certfile) if settings.kafka_ssl_certfile else None,
+            keyfile=str(settings.kafka_ssl_keyfile) if settings.kafka_ssl_keyfile else None,
+        )
+    if settings.kafka_security_protocol.startswith("SASL"):
+        password = settings.kafka_sasl_password
+        options |= {
+            "sasl_mechanism": settings.kafka_sasl_mechanism,
+            "sasl_plain_username": settings.kafka_sasl_username,
+            "sasl_plain_password": password.get_secret_value() if password else None,
+        }
+    return options
+
+
+def unreachable(settings: Settings, exc: BaseException) -> KafkaUnavailable:
+    return KafkaUnavailable(
+        f"Kafka not reachable at {settings.bootstrap_servers} ({exc}): set "
+        f"{env_name('kafka_bootstrap_servers')} (and {env_name('kafka_security_protocol')} for TLS/SASL)"
+    )
+
+
+def make_consumer(settings: Settings, **overrides: Any) -> AIOKafkaConsumer:
+    return AIOKafkaConsumer(
+        **client_options(settings),
+        group_id=settings.consumer_group,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        isolation_level="read_committed",  # retry records of aborted batches are never seen
+        metadata_max_age_ms=METADATA_MAX_AGE_MS,
+        max_poll_records=settings.batch_max_events,
+        **overrides,
+    )
+
+
+def make_producer(settings: Settings, transactional: bool = False) -> AIOKafkaProducer:
+    # One transactional id per process: two consumers on one host must not fence each other.
+    txn_id = f"{settings.consumer_group}-{socket.gethostname()}-{os.getpid()}" if transactional else None
+    return AIOKafkaProducer(
+        **client_options(settings), acks="all", enable_idempotence=True, linger_ms=5, transactional_id=txn_id
+    )
+
+
+class KafkaPublisher:
+    """Publishes and waits for the broker's acknowledgement (acks=all, idempotent producer)."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
+        await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
+
+
+async def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
+    """Create the retry and dead-letter topics with as many partitions as the source topic."""
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
+    try:
+        await asyncio.wait_for(admin.start(), timeout_s)
+    except (KafkaError, OSError, TimeoutError) as exc:
+        raise unreachable(settings, exc) from exc
+    try:
+        existing = set(await admin.list_topics())
+        partitions = settings.stack_topic_partitions
+        if settings.source_topic in existing:
+            described = await admin.describe_topics([settings.source_topic])
+            partitions = len(described[0]["partitions"]) or partitions
+        missing = [t for t in (settings.retry_topic, settings.dlq_topic) if t not in existing]
+        if missing:
+            with contextlib.suppress(TopicAlreadyExistsError):
+                await admin.create_topics(
+                    [NewTopic(t, num_partitions=partitions, replication_factor=-1) for t in missing]
+                )
+    finally:
+        await admin.close()
+
+
+async def partition_lag(
+    consumer: AIOKafkaConsumer, partitions: set[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """High-water mark minus position for each assigned partition."""
+    if not partitions:
+        return {}
+    try:
+        ends = await consumer.end_offsets(list(partitions))
+    except (KafkaConnectionError, KafkaError):
+        return {}
+    lags = {}
+    for tp in partitions:
+        try:
+            position = await consumer.position(tp)
+        except KafkaError:
+            continue
+        lags[tp] = max(ends.get(tp, position) - position, 0)
+    return lags

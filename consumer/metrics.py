@@ -1,0 +1,84 @@
+"""Prometheus metrics: one prefix, base units, no keys or offsets as labels.
+
+The Grafana dashboard and the alert rules under ``deploy/observability/`` query these names; the
+observability tests fail if either uses a series this module does not export.
+"""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import PackageNotFoundError, version
+
+from prometheus_client import Counter, Gauge, Histogram, Info
+
+PREFIX = "cdc_embedder"
+
+# Outcomes of one change event; every consumed event ends in exactly one of them.
+OUTCOMES = (
+    "embedded",  # a new vector was written
+    "unchanged",  # the text hash matched the stored one: position advanced, no model call
+    "deleted",  # the vector was removed (delete or tombstone)
+    "superseded",  # a newer change of the same key in the batch or in the table won
+    "ignored",  # tombstones: the delete before them already removed the vector
+    "retried",  # sent to the retry topic
+    "dead_lettered",  # sent to the dead-letter topic
+)
+
+_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+EVENTS = Counter(f"{PREFIX}_events", "Change events consumed, by operation and outcome.", ["op", "outcome"])
+BATCHES = Counter(f"{PREFIX}_batches", "Micro-batches processed.")
+BATCH_SIZE = Histogram(f"{PREFIX}_batch_size_events", "Events per micro-batch.", buckets=_SIZE_BUCKETS)
+MODEL_SECONDS = Histogram(f"{PREFIX}_model_seconds", "Model time per batch.", buckets=_SECONDS_BUCKETS)
+DB_SECONDS = Histogram(f"{PREFIX}_db_seconds", "Database time per batch.", buckets=_SECONDS_BUCKETS)
+END_TO_END_SECONDS = Histogram(
+    f"{PREFIX}_end_to_end_seconds",
+    "Source commit (Debezium source.ts_ms) to vector commit.",
+    buckets=_SECONDS_BUCKETS,
+)
+TEXTS_EMBEDDED = Counter(f"{PREFIX}_texts_embedded", "Texts sent through the model.")
+TOKENS_EMBEDDED = Counter(f"{PREFIX}_tokens_embedded", "Tokens sent through the model, after truncation.")
+TEXTS_TRUNCATED = Counter(f"{PREFIX}_texts_truncated", "Texts longer than the model window, truncated.")
+RETRIES = Counter(f"{PREFIX}_retries", "Records sent to the retry topic.", ["error_class"])
+DEAD_LETTERS = Counter(f"{PREFIX}_dead_letters", "Records sent to the dead-letter topic.", ["error_class"])
+REPLAYED = Counter(f"{PREFIX}_replayed", "Dead-lettered records re-published to the source topic.")
+DB_ERRORS = Counter(f"{PREFIX}_db_errors", "Failed database round trips (retried with backoff).")
+CONSUMER_LAG = Gauge(
+    f"{PREFIX}_consumer_lag_messages", "High-water mark minus position.", ["topic", "partition"]
+)
+CONSUMER_LAG_SECONDS = Gauge(
+    f"{PREFIX}_consumer_lag_seconds",
+    "Age of the oldest record not yet processed (0 when caught up).",
+    ["topic", "partition"],
+)
+PAUSED_PARTITIONS = Gauge(f"{PREFIX}_paused_partitions", "Partitions paused for backpressure or backoff.")
+ASSIGNED_PARTITIONS = Gauge(f"{PREFIX}_assigned_partitions", "Partitions assigned to this consumer.")
+REBALANCES = Counter(f"{PREFIX}_rebalances", "Partition assignments received.")
+LAST_BATCH_TIMESTAMP = Gauge(
+    f"{PREFIX}_last_batch_timestamp_seconds", "Unix time of the last committed batch."
+)
+LOOP_HEARTBEAT_TIMESTAMP = Gauge(
+    f"{PREFIX}_event_loop_heartbeat_timestamp_seconds", "Unix time the event loop last ticked."
+)
+MODEL_INFO = Info(f"{PREFIX}_model", "The embedding model in use.")
+BUILD_INFO = Info(f"{PREFIX}_build", "Version of cdc-embedder.")
+
+
+def package_version() -> str:
+    try:
+        return version("cdc-embedder")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+def record_build_info() -> None:
+    BUILD_INFO.info({"version": package_version(), "python": platform.python_version()})
+
+
+def record_model_info(name: str, dimension: int, dtype: str) -> None:
+    MODEL_INFO.info({"name": name, "dimension": str(dimension), "dtype": dtype})
+
+
+def count_event(op: str, outcome: str, n: int = 1) -> None:
+    EVENTS.labels(op=op, outcome=outcome).inc(n)

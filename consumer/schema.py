@@ -1,0 +1,121 @@
+"""The vector table: created beside the user's source table, checked against the model at start.
+
+The source table stays the user's: nothing here adds a trigger or a column to it. The vector table is
+keyed by the source primary key and records, per row, the model, a hash of the embedded text and the
+WAL position of the change that produced it, which is what makes writes idempotent and ordered.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg import sql
+
+from consumer.settings import Settings, env_name
+
+
+class SchemaError(RuntimeError):
+    """The tables do not fit the configuration; the message names the setting to change."""
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    key_type: str  # SQL type of the source key, e.g. "bigint"
+
+    def key_array(self) -> sql.Composable:
+        return sql.SQL(self.key_type + "[]")
+
+
+def _ident(schema: str, table: str) -> sql.Identifier:
+    return sql.Identifier(schema, table)
+
+
+async def _column_type(conn: psycopg.AsyncConnection, schema: str, table: str, column: str) -> str | None:
+    cur = await conn.execute(
+        """
+        SELECT format_type(a.atttypid, a.atttypmod)
+        FROM pg_attribute a
+        JOIN pg_class c ON c.oid = a.attrelid
+        JOIN pg_namespace n ON n.oid = c.relnamespace
+        WHERE n.nspname = %s AND c.relname = %s AND a.attname = %s AND NOT a.attisdropped AND a.attnum > 0
+        """,
+        (schema, table, column),
+    )
+    row = await cur.fetchone()
+    return str(row[0]) if row else None
+
+
+async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings, dimension: int) -> TableInfo:
+    """Create the vector table if missing; fail if the source or an existing vector table does not fit."""
+    schema, table = settings.source
+    key_type = await _column_type(conn, schema, table, settings.key_column)
+    if key_type is None:
+        raise SchemaError(
+            f"source table {settings.source_table} has no column {settings.key_column!r} "
+            f"(or does not exist): set {env_name('source_table')} and {env_name('key_column')}"
+        )
+    for column in settings.text_column_list:
+        if await _column_type(conn, schema, table, column) is None:
+            raise SchemaError(
+                f"source table {settings.source_table} has no column {column!r}: "
+                f"set {env_name('text_columns')}"
+            )
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
+    vschema, vtable = settings.target
+    existing = await _column_type(conn, vschema, vtable, "embedding")
+    if existing is not None and existing != f"vector({dimension})":
+        raise SchemaError(
+            f"{settings.vector_table}.embedding is {existing} but model {settings.model!r} gives "
+            f"vector({dimension}): set {env_name('vector_table')} to a new table or {env_name('model')} "
+            f"to a model of that dimension"
+        )
+    key = sql.Identifier(settings.key_column)
+    await conn.execute(
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS {table} (
+                {key} {key_type} PRIMARY KEY,
+                embedding vector({dimension}),
+                model text,
+                text_sha256 bytea,
+                source_lsn bigint NOT NULL,
+                source_ts timestamptz,
+                deleted boolean NOT NULL DEFAULT false,
+                updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+            )
+            """
+        ).format(
+            table=_ident(vschema, vtable),
+            key=key,
+            key_type=sql.SQL(key_type),
+            dimension=sql.Literal(dimension),
+        )
+    )
+    await conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS {name} ON {table} USING hnsw (embedding vector_cosine_ops)"
+        ).format(name=sql.Identifier(f"{vtable}_embedding_hnsw"), table=_ident(vschema, vtable))
+    )
+    await conn.commit()
+    return TableInfo(key_type=key_type)
+
+
+async def create_demo_source_table(conn: psycopg.AsyncConnection, settings: Settings) -> None:
+    """The example source table of the README and the tests: `documents(id, title, body, ...)`."""
+    schema, table = settings.source
+    await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    await conn.execute(
+        sql.SQL(
+            """
+            CREATE TABLE IF NOT EXISTS {table} (
+                {key} bigint PRIMARY KEY,
+                title text,
+                body text,
+                tags text[],
+                updated_at timestamptz NOT NULL DEFAULT now()
+            )
+            """
+        ).format(table=_ident(schema, table), key=sql.Identifier(settings.key_column))
+    )
+    await conn.commit()

@@ -1,0 +1,104 @@
+"""Wiring and lifecycle of `cdc-embedder run`: start in order, run, stop cleanly on SIGTERM.
+
+Start-up fails fast with a message naming the setting to change (bad model, tables that do not fit the
+model, unreachable Kafka); Kubernetes' startup probe covers the model loading. On SIGTERM the in-flight
+batch is finished and committed, the consumer leaves its group, and the process exits 0 within
+CDC_SHUTDOWN_GRACE_S, abandoning (not committing) a batch that would take longer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
+from aiokafka.errors import KafkaError
+
+from consumer import metrics
+from consumer.app import EmbeddingConsumer
+from consumer.embedder import Embedder, SentenceTransformerEmbedder
+from consumer.health import HealthState, heartbeat, serve
+from consumer.kafka import KafkaPublisher, ensure_topics, make_consumer, make_producer, unreachable
+from consumer.logs import get_logger
+from consumer.pipeline import BatchProcessor
+from consumer.schema import ensure_vector_table
+from consumer.settings import Settings
+from consumer.sink import PgVectorSink, open_pool
+
+log = get_logger("cdc_embedder.service")
+
+
+async def run_service(
+    settings: Settings, embedder_factory: Callable[[Settings], Embedder] = SentenceTransformerEmbedder
+) -> int:
+    """Run until SIGTERM; `embedder_factory` is the seam fault-injection tests wrap."""
+    health = HealthState(stall_after_s=settings.liveness_stall_s)
+    server = serve(health, settings.http_host, settings.http_port)
+    beat = asyncio.create_task(heartbeat(health), name="heartbeat")
+    metrics.record_build_info()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    log.info(
+        "starting",
+        model=settings.model,
+        database=settings.redacted_dsn(),
+        kafka=settings.bootstrap_servers,
+        topic=settings.source_topic,
+        group=settings.consumer_group,
+        http_port=server.server_address[1],
+    )
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+    try:
+        embedder = await loop.run_in_executor(executor, embedder_factory, settings)
+        metrics.record_model_info(embedder.name, embedder.dimension, settings.embed_dtype)
+        pool = open_pool(settings)
+        await pool.open(wait=True, timeout=30)
+        try:
+            async with pool.connection() as conn:
+                info = await ensure_vector_table(conn, settings, embedder.dimension)
+            await ensure_topics(settings)
+            sink = PgVectorSink(pool, settings, info)
+            producer = make_producer(settings, transactional=True)
+            kafka = make_consumer(settings)
+            try:
+                await producer.start()
+                await kafka.start()
+            except (KafkaError, OSError) as exc:
+                raise unreachable(settings, exc) from exc
+            try:
+                processor = BatchProcessor(settings, embedder, sink, KafkaPublisher(producer), executor)
+                consumer = EmbeddingConsumer(settings, kafka, producer, processor, sink, health)
+                health.started = health.database_ok = True
+                log.info("started", dimension=embedder.dimension, vector_table=settings.vector_table)
+                await _run_until_stopped(consumer, stop, settings.shutdown_grace_s)
+            finally:
+                await kafka.stop()  # leaves the group, so partitions move at once
+                await producer.stop()
+        finally:
+            await pool.close()
+    finally:
+        beat.cancel()
+        server.shutdown()
+        executor.shutdown(wait=False, cancel_futures=True)
+    log.info("stopped")
+    return 0
+
+
+async def _run_until_stopped(consumer: EmbeddingConsumer, stop: asyncio.Event, grace_s: float) -> None:
+    task = asyncio.create_task(consumer.run(stop), name="consumer")
+    stopped = asyncio.create_task(stop.wait())
+    await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        stopped.cancel()
+        task.result()  # re-raise what ended the loop
+        return
+    log.info("stop requested; finishing the in-flight batch", grace_s=grace_s)
+    try:
+        await asyncio.wait_for(asyncio.shield(task), grace_s)
+    except TimeoutError:
+        log.warning("grace period over; abandoning the in-flight batch uncommitted")
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

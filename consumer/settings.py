@@ -1,0 +1,221 @@
+"""All configuration, read once from environment variables (prefix ``CDC_``).
+
+Kubernetes injects configuration as environment variables, so that is the only source. Every field is
+documented in the README with its default; a missing or malformed value fails at start and names the
+variable to change.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import quote, unquote, urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "CDC_"
+DEFAULT_MODEL = "thenlper/gte-small"
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+
+
+class SettingsError(ValueError):
+    """A setting is missing or wrong; the message names the environment variable."""
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def _split_qualified(name: str) -> tuple[str, str]:
+    schema, _, table = name.rpartition(".")
+    return (schema or "public", table)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+
+    # --- Postgres -------------------------------------------------------------------------------
+    database_url: str | None = Field(
+        default=None,
+        description="Postgres URL holding the source and vector tables. Unset: the embedded local stack.",
+    )
+    database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
+        None
+    )
+    database_pool_size: int = Field(default=4, ge=1)
+
+    # --- Source and target tables ---------------------------------------------------------------
+    source_table: str = "public.documents"
+    key_column: str = "id"
+    text_columns: str = Field(default="title,body", description="Comma-separated columns joined to the text.")
+    vector_table: str = "public.document_embeddings"
+
+    # --- Kafka ----------------------------------------------------------------------------------
+    kafka_bootstrap_servers: str | None = Field(
+        default=None, description="host:port list. Unset: the embedded local stack."
+    )
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: Path | None = None
+    kafka_ssl_certfile: Path | None = None
+    kafka_ssl_keyfile: Path | None = None
+    topic_prefix: str = Field(default="cdc", description="Debezium topic.prefix.")
+    consumer_group: str = "cdc-embedder"
+    connect_url: str | None = Field(default=None, description="Kafka Connect REST URL. Unset: local stack.")
+
+    # --- Model ----------------------------------------------------------------------------------
+    model: str = Field(default=DEFAULT_MODEL, description="sentence-transformers model id or local folder.")
+    max_seq_length: int = Field(default=512, ge=8)
+    torch_threads: int = Field(default=0, ge=0, description="0: one per core.")
+    embed_dtype: Literal["float32", "bfloat16"] = "float32"
+    max_text_chars: int = Field(default=200_000, ge=1, description="Longer texts are dead-lettered.")
+
+    # --- Batching -------------------------------------------------------------------------------
+    batch_max_events: int = Field(default=64, ge=1)
+    batch_max_wait_ms: int = Field(default=200, ge=1)
+
+    # --- Retry and dead letters -----------------------------------------------------------------
+    retry_max_attempts: int = Field(default=5, ge=1, description="Attempts before dead-lettering.")
+    retry_backoff_initial_s: float = Field(default=2.0, gt=0)
+    retry_backoff_max_s: float = Field(default=300.0, gt=0)
+    db_retry_backoff_max_s: float = Field(default=10.0, gt=0)
+
+    # --- Operations -----------------------------------------------------------------------------
+    http_host: str = "0.0.0.0"
+    http_port: int = Field(default=9400, ge=0, le=65535)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+    shutdown_grace_s: float = Field(default=20.0, gt=0)
+    liveness_stall_s: float = Field(default=30.0, gt=0)
+
+    # --- Embedded local stack (`cdc-embedder stack`) --------------------------------------------
+    stack_dir: Path = Path(".stack")
+    stack_pg_port: int = 54329
+    stack_kafka_port: int = 19092
+    stack_kafka_controller_port: int = 19093
+    stack_connect_port: int = 18083
+    stack_topic_partitions: int = Field(default=3, ge=1)
+
+    @field_validator("source_table", "vector_table")
+    @classmethod
+    def _qualified_identifier(cls, value: str) -> str:
+        if not all(_IDENTIFIER.match(part) for part in value.split(".")) or value.count(".") > 1:
+            raise ValueError(f"{value!r} is not a table name like schema.table")
+        return value
+
+    @field_validator("key_column")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        if not _IDENTIFIER.match(value):
+            raise ValueError(f"{value!r} is not a column name")
+        return value
+
+    @field_validator("text_columns")
+    @classmethod
+    def _identifiers(cls, value: str) -> str:
+        columns = [c.strip() for c in value.split(",") if c.strip()]
+        if not columns or not all(_IDENTIFIER.match(c) for c in columns):
+            raise ValueError(f"{value!r} is not a comma-separated list of column names")
+        return ",".join(columns)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.kafka_security_protocol.startswith("SASL") and not (
+            self.kafka_sasl_mechanism and self.kafka_sasl_username and self.kafka_sasl_password
+        ):
+            raise ValueError(
+                f"{env_name('kafka_security_protocol')}={self.kafka_security_protocol} needs "
+                f"{env_name('kafka_sasl_mechanism')}, {env_name('kafka_sasl_username')} and "
+                f"{env_name('kafka_sasl_password')}"
+            )
+        if self.retry_backoff_initial_s > self.retry_backoff_max_s:
+            raise ValueError(
+                f"{env_name('retry_backoff_initial_s')} must not exceed {env_name('retry_backoff_max_s')}"
+            )
+        return self
+
+    # --- Derived values -------------------------------------------------------------------------
+    @property
+    def uses_embedded_postgres(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def uses_embedded_kafka(self) -> bool:
+        return self.kafka_bootstrap_servers is None
+
+    @cached_property
+    def dsn(self) -> str:
+        url = self.database_url or f"postgresql://cdc:cdc@127.0.0.1:{self.stack_pg_port}/cdc"
+        if self.database_sslmode:
+            url += ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
+        return url
+
+    @cached_property
+    def bootstrap_servers(self) -> str:
+        return self.kafka_bootstrap_servers or f"127.0.0.1:{self.stack_kafka_port}"
+
+    @cached_property
+    def connect_rest_url(self) -> str:
+        return (self.connect_url or f"http://127.0.0.1:{self.stack_connect_port}").rstrip("/")
+
+    @cached_property
+    def source(self) -> tuple[str, str]:
+        return _split_qualified(self.source_table)
+
+    @cached_property
+    def target(self) -> tuple[str, str]:
+        return _split_qualified(self.vector_table)
+
+    @cached_property
+    def text_column_list(self) -> tuple[str, ...]:
+        return tuple(self.text_columns.split(","))
+
+    @cached_property
+    def source_topic(self) -> str:
+        schema, table = self.source
+        return f"{self.topic_prefix}.{schema}.{table}"
+
+    @cached_property
+    def retry_topic(self) -> str:
+        return f"{self.source_topic}.retry"
+
+    @cached_property
+    def dlq_topic(self) -> str:
+        return f"{self.source_topic}.dlq"
+
+    def database_parts(self) -> dict[str, str]:
+        """Host, port, user, password and database name, as Debezium's connector config wants them."""
+        parts = urlsplit(self.dsn)
+        return {
+            "hostname": parts.hostname or "127.0.0.1",
+            "port": str(parts.port or 5432),
+            "user": unquote(parts.username or ""),
+            "password": unquote(parts.password or ""),
+            "dbname": parts.path.lstrip("/") or "postgres",
+        }
+
+    def redacted_dsn(self) -> str:
+        parts = urlsplit(self.dsn)
+        if parts.password is None:
+            return self.dsn
+        netloc = parts.netloc.replace(f":{quote(unquote(parts.password), safe='')}@", ":***@")
+        netloc = netloc.replace(f":{parts.password}@", ":***@")
+        return parts._replace(netloc=netloc).geturl()
+
+
+def load_settings() -> Settings:
+    """Read settings from the environment; a bad value raises SettingsError naming the variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(p) for p in error["loc"])
+            where = env_name(field) if field else "settings"
+            problems.append(f"{where}: {error['msg']}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

@@ -1,0 +1,33 @@
+-- Tables for the demo (docker compose) and a starting point for production.
+-- Run as the owner of the schema (in compose: the postgres superuser, at init), before roles.sql:
+--   psql -v ON_ERROR_STOP=1 -f deploy/sql/schema.sql
+-- The vector column's dimension is the model's: 384 for thenlper/gte-small (the default CDC_MODEL).
+
+CREATE EXTENSION IF NOT EXISTS vector;
+
+-- The source table Debezium captures. Its primary key is the replica identity, so delete events carry
+-- the key; columns that a change left untouched in TOAST arrive as Debezium's placeholder, and the
+-- consumer reads their current value from this table (hence its SELECT grant in roles.sql).
+CREATE TABLE IF NOT EXISTS public.documents (
+    id         bigint PRIMARY KEY,
+    title      text,
+    body       text,
+    updated_at timestamptz DEFAULT now()
+);
+
+-- The vectors, one row per source row, written only by the consumer (role cdc_embedder). The same
+-- definition as consumer/schema.py's ensure_vector_table (a test compares them): created here, by the
+-- schema's owner, because the consumer's role may not create tables.
+CREATE TABLE IF NOT EXISTS public.document_embeddings (
+    id          bigint PRIMARY KEY,          -- public.documents.id
+    embedding   vector(384),
+    model       text,
+    text_sha256 bytea,                       -- hash of the embedded text: unchanged text skips the model
+    source_lsn  bigint NOT NULL,             -- WAL position of the change that produced this row
+    source_ts   timestamptz,
+    deleted     boolean NOT NULL DEFAULT false,
+    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+
+CREATE INDEX IF NOT EXISTS document_embeddings_embedding_hnsw
+    ON public.document_embeddings USING hnsw (embedding vector_cosine_ops);
