@@ -133,11 +133,31 @@ def delete_connector(
     return True
 
 
+def _summarise_trace(trace: str) -> str:
+    # Connect's trace starts with a generic wrapper; the "Caused by" lines say what actually went wrong.
+    lines = trace.splitlines()
+    causes = [line.strip() for line in lines if line.startswith("Caused by:")]
+    head = lines[:8]
+    return "\n".join(head + (["\t..."] if len(lines) > 8 else []) + causes)
+
+
 def _failures(status: dict[str, Any]) -> list[str]:
     parts = [("connector", status.get("connector", {}))]
     parts += [(f"task {t.get('id')}", t) for t in status.get("tasks", [])]
-    return [f"{label} FAILED on {p.get('worker_id')}:\n{p.get('trace', '(no trace)')}"
+    return [f"{label} FAILED on {p.get('worker_id')}:\n{_summarise_trace(str(p.get('trace', '(no trace)')))}"
             for label, p in parts if p.get("state") == "FAILED"]  # fmt: skip
+
+
+def _hint(failures: list[str], settings: Settings) -> str:
+    text = "\n".join(failures)
+    if "No table filters found" in text or "Unable to create filtered publication" in text:
+        return (
+            f"the publication only covers {settings.source_table}, which must exist before the connector "
+            f"starts: create it, or set {env_name('source_table')}"
+        )
+    if "password authentication failed" in text or "Connection refused" in text:
+        return f"the worker cannot log in to the database: check {env_name('database_url')}"
+    return f"check the database ({env_name('database_url')}) and the Connect worker log"
 
 
 def _running(status: dict[str, Any]) -> bool:
@@ -191,8 +211,7 @@ def register_connector(
             restarted_at = time.monotonic()
         elif failures and restarted_at is not None and time.monotonic() - restarted_at > 5.0:
             raise ConnectorError(
-                f"connector {name} failed; check the database ({env_name('database_url')}) and "
-                "the Connect worker log:\n" + "\n".join(failures)
+                f"connector {name} failed; {_hint(failures, settings)}:\n" + "\n".join(failures)
             )
         time.sleep(1.0)
     raise ConnectorError(

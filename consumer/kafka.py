@@ -99,9 +99,11 @@ async def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
             partitions = len(described[0]["partitions"]) or partitions
         missing = [t for t in (settings.retry_topic, settings.dlq_topic) if t not in existing]
         if missing:
+            # Three copies where the cluster has three brokers, as for the source topic; fewer on a laptop.
+            replicas = min(3, len((await admin.describe_cluster())["brokers"]))
             with contextlib.suppress(TopicAlreadyExistsError):
                 await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=-1) for t in missing]
+                    [NewTopic(t, num_partitions=partitions, replication_factor=replicas) for t in missing]
                 )
     finally:
         await admin.close()

@@ -3,7 +3,7 @@ Debezium connector, and a consumer process. Unit tests never request them."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,9 @@ def logs_dir(settings: Settings) -> Path:
     return folder
 
 
-async def produce(settings: Settings, topic: str, records: list[tuple[bytes | None, bytes | None]]) -> None:
+async def produce(
+    settings: Settings, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]
+) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
     await producer.start()
     try:
@@ -82,8 +84,10 @@ def pipeline(
     insert_rows(db, rows)
     asyncio.run(produce(settings, settings.source_topic, [(b'{"id": 1}', b"\x00garbage")]))
     wait_until(
-        lambda: consumer.metric_sum("cdc_embedder_dead_letters_total") >= 2
-        and consumer.metric_sum("cdc_embedder_events_total", outcome="embedded") >= 19,
+        lambda: (
+            consumer.metric_sum("cdc_embedder_dead_letters_total") >= 2
+            and consumer.metric_sum("cdc_embedder_events_total", outcome="embedded") >= 19
+        ),
         180,
         "the seeded rows to be embedded, retried and dead-lettered",
     )

@@ -59,7 +59,7 @@ def stack_env() -> dict[str, str]:
 
 def settings_from(env: dict[str, str]) -> Settings:
     fields = {k.removeprefix("CDC_").lower(): v for k, v in env.items() if k.startswith("CDC_")}
-    return Settings(**fields)
+    return Settings.model_validate(fields)
 
 
 def free_port() -> int:
@@ -116,7 +116,11 @@ class ConsumerProcess:
         return f"{self.url}/metrics"
 
     def start(self) -> ConsumerProcess:
-        argv = [sys.executable, str(FLAKY_CONSUMER)] if self.flaky else [sys.executable, "-m", "consumer.cli", "run"]
+        argv = (
+            [sys.executable, str(FLAKY_CONSUMER)]
+            if self.flaky
+            else [sys.executable, "-m", "consumer.cli", "run"]
+        )
         env = {**os.environ, **self.env, "CDC_HTTP_PORT": str(self.port)}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
@@ -137,7 +141,9 @@ class ConsumerProcess:
 
     def wait_ready(self, timeout_s: float = 180) -> ConsumerProcess:
         def ready() -> bool:
-            assert self.running(), f"consumer exited with {self.process and self.process.returncode}:\n{self.tail()}"
+            assert self.running(), (
+                f"consumer exited with {self.process and self.process.returncode}:\n{self.tail()}"
+            )
             return self.probe("/readyz") == 200
 
         wait_until(ready, timeout_s, "the consumer to be ready")
@@ -180,14 +186,18 @@ class Consistency:
         return not (self.missing or self.stale or self.orphaned)
 
 
-def check_consistency(conn: psycopg.Connection[Any], settings: Settings, ids: Iterator[int] | None = None) -> Consistency:
+def check_consistency(
+    conn: psycopg.Connection[Any], settings: Settings, ids: Iterator[int] | None = None
+) -> Consistency:
     """Every live source row has exactly one vector for its current text; deleted rows have none."""
     id_filter = list(ids) if ids is not None else None
     where = sql.SQL("WHERE id = ANY(%s)") if id_filter is not None else sql.SQL("")
     params = (id_filter,) if id_filter is not None else ()
     source = {
         row[0]: row[1:]
-        for row in conn.execute(sql.SQL("SELECT id, title, body FROM public.documents {}").format(where), params)
+        for row in conn.execute(
+            sql.SQL("SELECT id, title, body FROM public.documents {}").format(where), params
+        )
     }
     vectors = {
         row[0]: row[1:]
@@ -215,7 +225,9 @@ def check_consistency(conn: psycopg.Connection[Any], settings: Settings, ids: It
     return Consistency(missing, stale, orphaned, live)
 
 
-def wait_consistent(conn: psycopg.Connection[Any], settings: Settings, ids: list[int], timeout_s: float = 300) -> Consistency:
+def wait_consistent(
+    conn: psycopg.Connection[Any], settings: Settings, ids: list[int], timeout_s: float = 300
+) -> Consistency:
     last: list[Consistency] = []
 
     def check() -> bool:
@@ -227,7 +239,8 @@ def wait_consistent(conn: psycopg.Connection[Any], settings: Settings, ids: list
     except AssertionError:
         c = last[0]
         raise AssertionError(
-            f"not consistent: {len(c.missing)} missing {c.missing[:10]}, {len(c.stale)} stale {c.stale[:10]}, "
+            f"not consistent: {len(c.missing)} missing {c.missing[:10]}, "
+            f"{len(c.stale)} stale {c.stale[:10]}, "
             f"{len(c.orphaned)} orphaned {c.orphaned[:10]} of {c.live} live rows"
         ) from None
     return last[0]

@@ -64,7 +64,10 @@ class LocalStack:
             self.kafka.start(progress)
         else:
             progress(f"kafka: external ({self.settings.bootstrap_servers}), not started here")
-        self.connect.start(progress)
+        if self.settings.connect_url is None:
+            self.connect.start(progress)
+        else:
+            progress(f"connect: external ({self.settings.connect_rest_url}), not started here")
         progress(f"stack: up in {time.monotonic() - started:.1f} s (logs in {self.stack_dir / 'logs'})")
 
     # --- down ------------------------------------------------------------------------------------
@@ -79,7 +82,7 @@ class LocalStack:
                     progress("connect: connector deleted")
         self.connect.stop(progress)
         self.kafka.stop(progress)
-        if self._postgres is not None or self._postgres_state_exists():
+        if self.settings.uses_embedded_postgres:
             self.postgres.stop(progress)
         leftovers = [c.name for c in self._components() if c.pid() is not None]
         if leftovers:
@@ -93,7 +96,8 @@ class LocalStack:
             self._drop_external_replication(progress)
         self.connect.purge()
         self.kafka.purge()
-        if self._postgres is not None or self._postgres_state_exists():
+        if self.settings.uses_embedded_postgres:
+            # may live outside stack_dir (see EmbeddedPostgres), so removing stack_dir is not enough
             self.postgres.purge()
         for entry in self.stack_dir.iterdir() if self.stack_dir.exists() else []:
             if entry.name == "jars":

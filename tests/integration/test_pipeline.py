@@ -29,7 +29,9 @@ def vectors(db: psycopg.Connection[Any], ids: list[int]) -> dict[int, tuple[Any,
 
 
 @pytest.fixture(scope="module")
-def thousand(pipeline: ConsumerProcess, db: psycopg.Connection[Any], settings: Settings) -> list[dict[str, Any]]:
+def thousand(
+    pipeline: ConsumerProcess, db: psycopg.Connection[Any], settings: Settings
+) -> list[dict[str, Any]]:
     rows = corpus_rows(1000, id_base=1_000_000)
     insert_rows(db, rows)
     wait_consistent(db, settings, [r["id"] for r in rows], timeout_s=600)
@@ -64,7 +66,10 @@ def test_text_update_changes_the_vector(
 ) -> None:
     row = thousand[1]
     before = vectors(db, [row["id"]])[row["id"]]
-    db.execute("UPDATE public.documents SET body = %s WHERE id = %s", ("A completely new text about sailing.", row["id"]))
+    db.execute(
+        "UPDATE public.documents SET body = %s WHERE id = %s",
+        ("A completely new text about sailing.", row["id"]),
+    )
     db.commit()
     wait_consistent(db, settings, [row["id"]], timeout_s=60)
     after = vectors(db, [row["id"]])[row["id"]]
@@ -101,7 +106,11 @@ def test_delete_removes_the_vector(thousand: list[dict[str, Any]], db: psycopg.C
 
 
 def test_consumer_restart_mid_stream_loses_nothing(
-    pipeline: ConsumerProcess, env: dict[str, str], db: psycopg.Connection[Any], settings: Settings, logs_dir: Path
+    pipeline: ConsumerProcess,
+    env: dict[str, str],
+    db: psycopg.Connection[Any],
+    settings: Settings,
+    logs_dir: Path,
 ) -> None:
     rows = corpus_rows(300, skip=1000, id_base=2_000_000)
     insert_rows(db, rows[:150])
@@ -122,8 +131,10 @@ def test_replaying_the_topic_from_offset_zero_changes_nothing(
     replay.start().wait_ready()
     try:
         wait_until(
-            lambda: replay.metric_sum("cdc_embedder_events_total") >= len(ids)
-            and replay.metric_sum("cdc_embedder_consumer_lag_messages") == 0,
+            lambda: (
+                replay.metric_sum("cdc_embedder_events_total") >= len(ids)
+                and replay.metric_sum("cdc_embedder_consumer_lag_messages") == 0
+            ),
             300,
             "the replaying consumer to catch up",
         )
@@ -141,6 +152,8 @@ def _same(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
     vector_a, *rest_a = a
     vector_b, *rest_b = b
     same_vector = (vector_a is None and vector_b is None) or (
-        vector_a is not None and vector_b is not None and np.array_equal(vector_a.to_numpy(), vector_b.to_numpy())
+        vector_a is not None
+        and vector_b is not None
+        and np.array_equal(vector_a.to_numpy(), vector_b.to_numpy())
     )
     return same_vector and rest_a == rest_b

