@@ -8,20 +8,32 @@ STAND_IN_MODEL = $(shell $(BIN)/python -c "from consumer.embedder import package
 
 .PHONY: setup system-deps run test unit integration fault lint stack-up stack-down bench soak clean
 
-setup: $(VENV)/.installed system-deps
+KUSTOMIZE_VERSION := v5.8.2
+SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
+
+setup: $(VENV)/.installed system-deps $(BIN)/kustomize
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev,bench]'
+	$(BIN)/pip install --quiet -e '.[local,dev,bench]'
 	touch $@
 
-# Tools from Debian for the observability tests; installed only where missing.
+# prometheus + promtool (Debian) for the observability tests; apt runs only when promtool is missing.
+# The package enables and starts a service on :9090: stop and disable it (tests run their own server).
+# No recommends: they would add prometheus-node-exporter, another daemon.
 system-deps:
-	@command -v promtool >/dev/null 2>&1 || { \
+	@if ! command -v promtool >/dev/null 2>&1; then \
 		echo "installing prometheus (promtool) from Debian"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
-		(systemctl stop prometheus 2>/dev/null; pkill -x prometheus 2>/dev/null) || true; }
+		$(SUDO) apt-get update -q && \
+		$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus && \
+		if [ -d /run/systemd/system ]; then $(SUDO) systemctl disable --now prometheus.service; \
+		else $(SUDO) service prometheus stop >/dev/null 2>&1 || true; fi; \
+	fi
+
+# kustomize renders deploy/ for the manifest tests; built from the Go module proxy.
+$(BIN)/kustomize: $(VENV)/.installed
+	GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
 
 run: setup
 	CDC_MODEL="$${CDC_MODEL:-$(STAND_IN_MODEL)}" HF_HUB_OFFLINE="$${HF_HUB_OFFLINE:-1}" $(BIN)/cdc-embedder demo

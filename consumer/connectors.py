@@ -71,6 +71,11 @@ def connector_config(settings: Settings, path: Path | str | None = None) -> Conn
     return ConnectorSpec(name=spec["name"], config=config)
 
 
+def publication_name(settings: Settings, path: Path | str | None = None) -> str:
+    """The Postgres publication the connector reads; created with the source table, not by Debezium."""
+    return connector_config(settings, path)["config"]["publication.name"]
+
+
 def _base_url(settings: Settings, base_url: str | None) -> str:
     return (base_url or settings.connect_rest_url).rstrip("/")
 

@@ -160,6 +160,8 @@ def op_label(raw_value: bytes | None) -> str:
         return UNKNOWN_OP_LABEL
     if envelope is None:
         return Op.TOMBSTONE.label
+    if isinstance(envelope, dict) and "payload" in envelope and "schema" in envelope:
+        envelope = envelope["payload"]
     try:
         return Op(str(envelope.get("op"))).label if isinstance(envelope, dict) else UNKNOWN_OP_LABEL
     except ValueError:

@@ -60,10 +60,13 @@ class RetryState:
             except (KeyError, ValueError):
                 return None
 
-        topic = values.get(H_ORIGINAL_TOPIC)
+        try:
+            topic = values[H_ORIGINAL_TOPIC].decode()
+        except (KeyError, UnicodeDecodeError):
+            topic = None
         partition, offset = number(H_ORIGINAL_PARTITION), number(H_ORIGINAL_OFFSET)
         origin = (
-            Origin(topic.decode(), partition, offset)
+            Origin(topic, partition, offset)
             if topic is not None and partition is not None and offset is not None
             else fallback
         )
@@ -101,7 +104,7 @@ class RetryPolicy:
             (H_FIRST_FAILURE_MS, str(state.first_failure_ms or at_ms).encode()),
             (H_NOT_BEFORE_MS, str(not_before).encode()),
             (H_ERROR_CLASS, error_class.value.encode()),
-            (H_ERROR_MESSAGE, message.encode()[:_MAX_MESSAGE_BYTES]),
+            (H_ERROR_MESSAGE, message.encode()[:_MAX_MESSAGE_BYTES].decode(errors="ignore").encode()),
             (H_ORIGINAL_TOPIC, state.origin.topic.encode()),
             (H_ORIGINAL_PARTITION, str(state.origin.partition).encode()),
             (H_ORIGINAL_OFFSET, str(state.origin.offset).encode()),

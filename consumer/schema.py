@@ -61,15 +61,18 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
                 f"source table {settings.source_table} has no column {column!r}: "
                 f"set {env_name('text_columns')}"
             )
-    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     vschema, vtable = settings.target
     existing = await _column_type(conn, vschema, vtable, "embedding")
-    if existing is not None and existing != f"vector({dimension})":
-        raise SchemaError(
-            f"{settings.vector_table}.embedding is {existing} but model {settings.model!r} gives "
-            f"vector({dimension}): set {env_name('vector_table')} to a new table or {env_name('model')} "
-            f"to a model of that dimension"
-        )
+    if existing is not None:
+        # No DDL when the table exists: the consumer's role may (and should) lack CREATE on the schema.
+        if existing != f"vector({dimension})":
+            raise SchemaError(
+                f"{settings.vector_table}.embedding is {existing} but model {settings.model!r} gives "
+                f"vector({dimension}): set {env_name('vector_table')} to a new table or {env_name('model')} "
+                f"to a model of that dimension"
+            )
+        return TableInfo(key_type=key_type)
+    await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     key = sql.Identifier(settings.key_column)
     await conn.execute(
         sql.SQL(
@@ -101,8 +104,12 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
     return TableInfo(key_type=key_type)
 
 
-async def create_demo_source_table(conn: psycopg.AsyncConnection, settings: Settings) -> None:
-    """The example source table of the README and the tests: `documents(id, title, body, ...)`."""
+async def create_demo_source_table(
+    conn: psycopg.AsyncConnection, settings: Settings, publication: str
+) -> None:
+    """The example source table of the README and the tests, `documents(id, title, body, ...)`, and the
+    publication Debezium reads it through (the connector does not create publications: that would need
+    ownership of the table)."""
     schema, table = settings.source
     await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     await conn.execute(
@@ -118,4 +125,11 @@ async def create_demo_source_table(conn: psycopg.AsyncConnection, settings: Sett
             """
         ).format(table=_ident(schema, table), key=sql.Identifier(settings.key_column))
     )
+    cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
+    if await cur.fetchone() is None:
+        await conn.execute(
+            sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
+                sql.Identifier(publication), _ident(schema, table)
+            )
+        )
     await conn.commit()

@@ -11,7 +11,7 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,7 +35,9 @@ def _split_qualified(name: str) -> tuple[str, str]:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, frozen=True, extra="ignore", env_ignore_empty=True
+    )
 
     # --- Postgres -------------------------------------------------------------------------------
     database_url: str | None = Field(
@@ -200,12 +202,19 @@ class Settings(BaseSettings):
         }
 
     def redacted_dsn(self) -> str:
+        """The database URL for logs: passwords (in the authority or the query) masked."""
         parts = urlsplit(self.dsn)
-        if parts.password is None:
-            return self.dsn
-        netloc = parts.netloc.replace(f":{quote(unquote(parts.password), safe='')}@", ":***@")
-        netloc = netloc.replace(f":{parts.password}@", ":***@")
-        return parts._replace(netloc=netloc).geturl()
+        netloc = parts.netloc
+        if parts.password is not None:
+            netloc = netloc.replace(f":{parts.password}@", ":***@")
+        query = urlencode(
+            [
+                (k, "***" if k.lower() == "password" else v)
+                for k, v in parse_qsl(parts.query, keep_blank_values=True)
+            ],
+            safe="*",
+        )
+        return parts._replace(netloc=netloc, query=query).geturl()
 
 
 def load_settings() -> Settings:

@@ -3,6 +3,7 @@ Debezium connector, and a consumer process. Unit tests never request them."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,8 @@ import psycopg
 import pytest
 from aiokafka import AIOKafkaProducer
 
-from consumer.connectors import register_connector
+from consumer.connectors import publication_name, register_connector
+from consumer.schema import create_demo_source_table
 from consumer.settings import Settings
 from consumer.stack import LocalStack
 from tests.flaky_consumer import FAIL_ALWAYS, FAIL_TWICE
@@ -35,14 +37,15 @@ def stack(settings: Settings) -> Iterator[LocalStack]:
     stack = LocalStack(settings)
     stack.down(purge=True, progress=print)  # a clean start, whatever an earlier run left
     stack.up(progress=print)
-    with psycopg.connect(settings.dsn, autocommit=True) as conn:
-        conn.execute(
-            "CREATE TABLE IF NOT EXISTS public.documents (id bigint PRIMARY KEY, title text, body text, "
-            "tags text[], updated_at timestamptz NOT NULL DEFAULT now())"
-        )
+    asyncio.run(_create_source_table(settings))
     register_connector(settings, progress=print)
     yield stack
     stack.down(purge=True, progress=print)
+
+
+async def _create_source_table(settings: Settings) -> None:
+    async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
+        await create_demo_source_table(conn, settings, publication_name(settings))
 
 
 @pytest.fixture(scope="session")
@@ -75,8 +78,6 @@ def pipeline(
     stack: LocalStack, env: dict[str, str], settings: Settings, db: psycopg.Connection[Any], logs_dir: Path
 ) -> Iterator[ConsumerProcess]:
     """A running consumer that has embedded, retried and dead-lettered something (for the metrics)."""
-    import asyncio
-
     consumer = ConsumerProcess(env, logs_dir / "pipeline.log").start().wait_ready()
     rows = corpus_rows(20, id_base=SEED_IDS)
     rows[0]["body"] += " " + FAIL_ALWAYS

@@ -83,7 +83,9 @@ async def test_nothing_arrives_returns_empty_after_max_wait(clock: FakeClock) ->
     start = clock.now
     fetch = fetcher(clock)
     assert await gather_batch(fetch, max_events=10, max_wait_s=0.5, clock=clock) == []
-    assert fetch.calls == [(10, pytest.approx(0.5))]
+    [(max_records, timeout_s)] = fetch.calls
+    assert max_records == 10
+    assert timeout_s == pytest.approx(0.5)
     assert clock.now - start == pytest.approx(0.5)
 
 

@@ -188,7 +188,9 @@ def test_postgres_is_set_up_for_logical_decoding(services: dict[str, dict[str, A
     assert int(settings["max_replication_slots"]) >= 1 and int(settings["max_wal_senders"]) >= 1
 
 
-def test_postgres_init_runs_schema_and_roles(raw: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
+def test_postgres_init_runs_schema_and_roles(
+    raw: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
     postgres = services["postgres"]
     mounts = _mounts(postgres)
     scripts = {t: s for t, (s, _) in mounts.items() if t.startswith("/docker-entrypoint-initdb.d/")}
@@ -229,7 +231,10 @@ def test_connect_resolves_the_connector_placeholders(
     roles = ROLES_SQL.read_text()
     assert re.search(rf"ALTER ROLE {connect['CDC_PG_USER']} WITH LOGIN REPLICATION", roles)
     # the Connect password and the one roles.sql sets come from the same compose variable
-    raw_connect, raw_postgres = raw["services"]["connect"]["environment"], raw["services"]["postgres"]["environment"]
+    raw_connect, raw_postgres = (
+        raw["services"]["connect"]["environment"],
+        raw["services"]["postgres"]["environment"],
+    )
     assert _variables(raw_connect["CDC_PG_PASSWORD"]) == _variables(raw_postgres["DEBEZIUM_PASSWORD"])
     assert connect["CDC_PG_PASSWORD"] == postgres["DEBEZIUM_PASSWORD"]
 
@@ -259,7 +264,9 @@ def test_consumer_settings_exist_and_load(
     raw: dict[str, Any], services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     consumer = services["consumer"]
-    assert consumer["build"]["dockerfile"] == "deploy/docker/Dockerfile" and consumer["build"]["context"] == "."
+    assert (
+        consumer["build"]["dockerfile"] == "deploy/docker/Dockerfile" and consumer["build"]["context"] == "."
+    )
     env = _env(consumer)
     unknown = {k for k in env if k.startswith("CDC_")} - SETTINGS_ENV
     assert not unknown, f"not Settings fields: {sorted(unknown)}"
@@ -276,18 +283,24 @@ def test_consumer_settings_exist_and_load(
     assert "PLAINTEXT://kafka:9092" in _env(services["kafka"])["KAFKA_ADVERTISED_LISTENERS"]
     assert settings.source_topic == "cdc.public.documents"
     partitions = json.loads(CONNECTOR_JSON.read_text())["config"]["topic.creation.default.partitions"]
-    assert _env(services["kafka"])["KAFKA_NUM_PARTITIONS"] == partitions == str(settings.stack_topic_partitions)
+    assert (
+        _env(services["kafka"])["KAFKA_NUM_PARTITIONS"] == partitions == str(settings.stack_topic_partitions)
+    )
 
 
 def test_consumer_health_check_is_the_images(services: dict[str, dict[str, Any]]) -> None:
     test = services["consumer"]["healthcheck"]["test"]
     assert test[0] == "CMD"
-    healthcheck = next(line for line in DOCKERFILE.read_text().splitlines() if line.strip().startswith("CMD ["))
+    healthcheck = next(
+        line for line in DOCKERFILE.read_text().splitlines() if line.strip().startswith("CMD [")
+    )
     assert test[1:] == json.loads(healthcheck.strip()[len("CMD ") :])
     assert f"http://127.0.0.1:{Settings().http_port}{health.LIVENESS_PATH}" in test[-1]
 
 
-def test_consumer_gets_time_to_drain(services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_consumer_gets_time_to_drain(
+    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = _settings(_env(services["consumer"]), monkeypatch)
     grace = services["consumer"]["stop_grace_period"]
     assert grace.endswith("s") and int(grace[:-1]) >= settings.shutdown_grace_s + 30
@@ -296,7 +309,9 @@ def test_consumer_gets_time_to_drain(services: dict[str, dict[str, Any]], monkey
 # --- Prometheus and Grafana -------------------------------------------------------------------------------
 
 
-def test_prometheus_scrapes_the_consumer_and_loads_the_alert_rules(services: dict[str, dict[str, Any]]) -> None:
+def test_prometheus_scrapes_the_consumer_and_loads_the_alert_rules(
+    services: dict[str, dict[str, Any]],
+) -> None:
     mounts = _mounts(services["prometheus"])
     config_path = next(t for t in mounts if t.endswith("prometheus.yml"))
     assert f"--config.file={config_path}" in services["prometheus"]["command"]

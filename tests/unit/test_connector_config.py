@@ -47,8 +47,9 @@ def test_debezium_settings() -> None:
     config = load_connector_file(CONNECTOR_JSON)["config"]
     assert config["connector.class"] == "io.debezium.connector.postgresql.PostgresConnector"
     assert config["plugin.name"] == "pgoutput"
-    # filtered: only the captured table is published, so writes to the vector table never feed back
-    assert config["publication.autocreate.mode"] == "filtered"
+    # The publication is created FOR the captured table only (with the table, or by deploy/sql/roles.sql),
+    # so writes to the vector table never feed back; Debezium must not alter it (that needs ownership).
+    assert config["publication.autocreate.mode"] == "disabled"
     assert config["publication.name"] == "cdc_embedder"
     assert config["slot.name"] == "cdc_embedder"
     assert config["snapshot.mode"] == "initial"

@@ -239,9 +239,17 @@ def test_dockerignore_keeps_what_the_build_copies(stages: list[Stage], ignore_pa
     assert not _ignored("consumer/settings.py", ignore_patterns)
 
 
-@pytest.mark.parametrize(
-    "path", [".venv/bin/python", ".git/HEAD", ".stack/pg/PG_VERSION", "tests/unit/x.py", "deploy/local/x/target/a.jar",
-             "consumer/__pycache__/cli.cpython-311.pyc", "bench-results/run.json"]
-)  # fmt: skip
+LOCAL_STATE = [
+    ".venv/bin/python",
+    ".git/HEAD",
+    ".stack/pg/PG_VERSION",
+    "tests/unit/x.py",
+    "deploy/local/x/target/a.jar",
+    "consumer/__pycache__/cli.cpython-311.pyc",
+    "bench-results/run.json",
+]
+
+
+@pytest.mark.parametrize("path", LOCAL_STATE)
 def test_dockerignore_keeps_out_local_state(path: str, ignore_patterns: list[str]) -> None:
     assert _ignored(path, ignore_patterns)

@@ -292,7 +292,9 @@ def test_settings_come_from_configmap_and_secret_only(
 def test_readme_documents_the_secret(rendered: list[dict[str, Any]]) -> None:
     """Every key the manifests read from the Secret is in the README's `kubectl create secret` command."""
     text = _require(README).read_text()
-    command = re.search(rf"kubectl create secret generic {SECRET_NAME}(.*?)(?:\n\n|```)", text, re.S)
+    command = re.search(
+        rf"kubectl (?:-n \S+ )?create secret generic {SECRET_NAME}(.*?)(?:\n\n|```)", text, re.S
+    )
     assert command, f"deploy/README.md lacks `kubectl create secret generic {SECRET_NAME} ...`"
     documented = set(re.findall(r"--from-literal=(\w+)=", command[1]))
     used = {"CDC_DATABASE_URL", "CDC_KAFKA_SASL_PASSWORD"}

@@ -341,10 +341,5 @@ def test_op_label(value: bytes | None, label: str) -> None:
     assert op_label(value) == label
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: op_label() does not unwrap a schemas-enabled {schema, payload} envelope that decode() "
-    "accepts, so failures of such records are counted with op='unknown'",
-)
 def test_op_label_schemas_enabled_envelope() -> None:
     assert op_label(dumps({"schema": {"type": "struct"}, "payload": envelope("u", after=row())})) == "update"

