@@ -183,6 +183,11 @@ class EmbeddingConsumer:
         return total
 
     async def _wait_out(self, exc: BaseException, delay: float) -> None:
+        self._start_outage(exc)
+        # Polling with everything paused returns nothing but keeps this member alive in the group.
+        await self._kafka.getmany(timeout_ms=int(delay * 1000))
+
+    def _start_outage(self, exc: BaseException) -> None:
         if is_database_outage(exc):
             metrics.DB_ERRORS.inc()
             self._health.database_ok = False
@@ -191,8 +196,6 @@ class EmbeddingConsumer:
             self._in_outage = True
         self._kafka.pause(*self._kafka.assignment())
         self._update_paused()
-        # Polling with everything paused returns nothing but keeps this member alive in the group.
-        await self._kafka.getmany(timeout_ms=int(delay * 1000))
 
     def _end_outage(self) -> None:
         self._in_outage = False
@@ -234,12 +237,15 @@ class EmbeddingConsumer:
             assigned = self._kafka.assignment()
             metrics.ASSIGNED_PARTITIONS.set(len(assigned))
             self._health.partitions_assigned = bool(assigned)
-            if not self._in_outage:
-                try:
-                    await asyncio.wait_for(self._sink.ping(), 5)
-                    self._health.database_ok = True
-                except Exception:
-                    self._health.database_ok = False
+            # Fetching stops as soon as Postgres is found down, not only when a batch hits the outage.
+            try:
+                await asyncio.wait_for(self._sink.ping(), 5)
+            except Exception as exc:
+                self._start_outage(exc if is_database_outage(exc) else TimeoutError(str(exc)))
+            else:
+                self._health.database_ok = True
+                if self._in_outage and not self._lock.locked():
+                    self._end_outage()
             try:
                 lags = await asyncio.wait_for(partition_lag(self._kafka, set(assigned)), 10)
             except TimeoutError:

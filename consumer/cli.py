@@ -77,6 +77,21 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run_demo(settings, args.file, say))
 
 
+def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.bench.runner import BenchArgs, run_bench
+
+    bench = BenchArgs(
+        n=args.n,
+        variant_n=args.variant_n,
+        freshness_s=args.freshness_s,
+        latency_n=args.latency_n,
+        soak_minutes=args.soak or 0.0,
+        out=args.out,
+        keep_stack=args.keep_stack,
+    )
+    return run_bench(bench, say)
+
+
 def _ms(value: str | None) -> int | None:
     return int(datetime.fromisoformat(value).timestamp() * 1000) if value else None
 
@@ -102,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", default=None, help="first failed at or before (ISO 8601)")
     demo = commands.add_parser("demo", help="stack up, connector, sample rows, consumer, then a search")
     demo.add_argument("--file", type=Path, default=None, help="JSONL of {id, title, body} rows to load")
+    bench = commands.add_parser("bench", help="measure model, hardware bound and pipeline; write a report")
+    bench.add_argument("--n", type=int, default=2000, help="texts for the raw model and the bulk insert")
+    bench.add_argument("--variant-n", type=int, default=400, help="texts per raw-model variant")
+    bench.add_argument("--freshness-s", type=float, default=120.0, help="steady-load duration")
+    bench.add_argument("--latency-n", type=int, default=200, help="single-row inserts per latency phase")
+    bench.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="steady load this long")
+    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="reports go to OUT/<time>/")
+    bench.add_argument("--keep-stack", action="store_true", help="leave the bench stack (.stack-bench) up")
     return parser
 
 
@@ -112,6 +135,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "search": _cmd_search,
     "replay-dlq": _cmd_replay,
     "demo": _cmd_demo,
+    "bench": _cmd_bench,
 }
 
 

@@ -51,7 +51,7 @@ def packaged_stand_in_model() -> Path | None:
 # Padded tokens per forward pass. Texts are sorted by length and cut into groups of at most this many
 # padded tokens, so a short text is not padded to the longest one of its micro-batch: with the Debian
 # corpus (mean ~90 tokens, tail to 512) that is most of the work of a 64-text batch. 0: one padded batch.
-DEFAULT_TOKEN_BUDGET = 4096
+DEFAULT_TOKEN_BUDGET = 1024
 
 
 def budget_groups(lengths: Sequence[int], budget: int, max_group: int) -> list[list[int]]:
@@ -88,7 +88,10 @@ class SentenceTransformerEmbedder:
         self._dtype = torch.bfloat16 if settings.embed_dtype == "bfloat16" else None
         self._batch_size = settings.batch_max_events
         self._token_budget = token_budget
-        dimension = self._model.get_sentence_embedding_dimension()
+        dimension = getattr(self._model, "get_embedding_dimension", None) or (
+            self._model.get_sentence_embedding_dimension
+        )
+        dimension = dimension()
         if not dimension:
             raise ModelLoadError(f"model {settings.model!r} does not report its embedding dimension")
         self.dimension = int(dimension)

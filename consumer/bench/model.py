@@ -39,7 +39,7 @@ def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0
     if (folder / "modules.json").is_file():
         return folder
     import torch
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer, models  # type: ignore[attr-defined,unused-ignore]
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     stand_in = packaged_stand_in_model()

@@ -1,0 +1,167 @@
+"""The bench report: targets, Markdown, JSON and charts, all from one result dict."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+GB = 1024**3
+
+
+def _get(result: dict[str, Any], *path: str) -> float:
+    node: Any = result
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return math.nan
+        node = node[key]
+    return float(node) if isinstance(node, int | float) else math.nan
+
+
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets as (name, value, limit, pass); a value that was not measured fails."""
+    rows = [
+        ("end-to-end / raw model texts/s", _get(result, "end_to_end", "ratio_to_raw"), ">=", 0.90),
+        ("model / fp32 matmul FLOP/s", _get(result, "raw", "fp32_fraction_of_bound"), ">=", 0.60),
+        ("freshness p99 at half load (s)", _get(result, "freshness", "freshness_s", "p99"), "<=", 1.5),
+        ("insert p99 running / stopped", _get(result, "insert_latency", "p99_ratio"), "<=", 1.1),
+        ("consumer peak RSS (GB)", _get(result, "memory", "peak_bytes") / GB, "<=", 1.5),
+    ]
+    out = []
+    for name, value, op, limit in rows:
+        ok = not math.isnan(value) and (value >= limit if op == ">=" else value <= limit)
+        out.append({"name": name, "value": value, "op": op, "limit": limit, "pass": ok})
+    return out
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if isinstance(value, float):
+        return "n/a" if math.isnan(value) else f"{value:.{digits}g}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return [*lines, ""]
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    lines = [f"# cdc-embedder bench, {result.get('started', '?')}", ""]
+    lines += ["## Targets", ""]
+    for t in result.get("targets") or targets(result):
+        mark = "PASS" if t["pass"] else "FAIL"
+        lines.append(f"- **{mark}** {t['name']}: {_fmt(t['value'])} (target {t['op']} {t['limit']})")
+    lines += ["", "## Machine", ""]
+    lines += [f"- {k}: {v}" for k, v in result.get("machine", {}).items()]
+    matmul = result.get("matmul", {})
+    if matmul:
+        lines += ["", "## Hardware bound (matmul)", ""]
+        lines += _table(
+            ["dtype", "size", "GFLOP/s"], [[k, v["size"], v["gflops"]] for k, v in matmul.items()]
+        )
+    raw = result.get("raw", {})
+    if raw:
+        lines += ["## Raw model (in-process, micro-batches as the pipeline sends them)", ""]
+        lines.append(
+            f"- model: {raw.get('model')} shape {raw.get('shape')}; default variant: {raw.get('default')}"
+        )
+        lines.append("")
+        lines += _table(
+            ["variant", "texts/s", "tokens/s", "GFLOP/s", "of matmul bound", "speed-up"],
+            [
+                [name, v["texts_per_s"], v["tokens_per_s"], v["achieved_gflops"],
+                 v.get("fraction_of_bound", math.nan), v.get("speedup", math.nan)]
+                for name, v in raw.get("variants", {}).items()
+            ],
+        )  # fmt: skip
+    gate = result.get("quality_gate")
+    if gate:
+        lines += ["## bf16 quality gate (real-weights stand-in)", ""]
+        lines += [f"- {k}: {_fmt(v, 5) if isinstance(v, float) else v}" for k, v in gate.items()] + [""]
+    for title, key in (("End to end", "end_to_end"), ("Freshness", "freshness"), ("Soak", "soak")):
+        section = result.get(key)
+        if section:
+            lines += [f"## {title}", ""]
+            lines += [f"- {k}: {_fmt(v)}" for k, v in section.items() if not isinstance(v, dict | list)]
+            lines += [f"- {k}: " + ", ".join(f"{a}={_fmt(b)}" for a, b in v.items())
+                      for k, v in section.items() if isinstance(v, dict)] + [""]  # fmt: skip
+    latency = result.get("insert_latency")
+    if latency:
+        lines += ["## Single-row insert latency (ms)", ""]
+        lines += _table(
+            ["pipeline", "n", "p50", "p95", "p99"],
+            [[k, v["n"], v["p50"], v["p95"], v["p99"]] for k, v in latency.items() if isinstance(v, dict)],
+        )
+        lines += [f"- p50 ratio running/stopped: {_fmt(latency.get('p50_ratio', math.nan))}",
+                  f"- p99 ratio running/stopped: {_fmt(latency.get('p99_ratio', math.nan))}", ""]  # fmt: skip
+    memory = result.get("memory")
+    if memory:
+        lines += ["## Consumer memory", ""]
+        lines += [f"- peak RSS: {_fmt(memory['peak_bytes'] / 2**20)} MB",
+                  f"- final RSS: {_fmt(memory['final_bytes'] / 2**20)} MB",
+                  f"- slope: {_fmt(memory.get('slope_mb_per_h', math.nan))} MB/h", ""]  # fmt: skip
+    lines += ["## Settings", ""]
+    lines += [f"- {k}: {v}" for k, v in sorted(result.get("settings", {}).items())]
+    lines += ["", "## Bench arguments", ""]
+    lines += [f"- {k}: {v}" for k, v in result.get("args", {}).items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(result: dict[str, Any], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    result["targets"] = targets(result)
+    json_path = folder / "bench.json"
+    json_path.write_text(json.dumps(result, indent=2, default=str))
+    md_path = folder / "bench.md"
+    md_path.write_text(render_markdown(result))
+    return [json_path, md_path, *write_charts(result, folder)]
+
+
+def write_charts(result: dict[str, Any], folder: Path) -> list[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written: list[Path] = []
+    variants = result.get("raw", {}).get("variants", {})
+    if variants:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        names = list(variants) + (["end to end"] if "end_to_end" in result else [])
+        values = [v["texts_per_s"] for v in variants.values()]
+        values += [result["end_to_end"]["texts_per_s"]] if "end_to_end" in result else []
+        ax.barh(names, values)
+        ax.set_xlabel("texts/s")
+        ax.set_title("Throughput")
+        fig.tight_layout()
+        written.append(folder / "throughput.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+    for key, title in (("freshness", "Freshness at steady load"), ("soak", "Freshness during soak")):
+        series = result.get(key, {}).get("series")
+        if series:
+            fig, ax = plt.subplots(figsize=(8, 4))
+            ax.plot([s[0] for s in series], [s[1] for s in series], ".", markersize=2)
+            ax.set_xlabel("s since first insert")
+            ax.set_ylabel("vector commit - source commit (s)")
+            ax.set_title(title)
+            fig.tight_layout()
+            written.append(folder / f"{key}.png")
+            fig.savefig(written[-1])
+            plt.close(fig)
+    samples = result.get("memory", {}).get("samples")
+    if samples:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.plot([s[0] for s in samples], [s[1] / 2**20 for s in samples])
+        ax.set_xlabel("s since consumer start")
+        ax.set_ylabel("RSS (MB)")
+        ax.set_title("Consumer RSS")
+        fig.tight_layout()
+        written.append(folder / "rss.png")
+        fig.savefig(written[-1])
+        plt.close(fig)
+    return written

@@ -1,0 +1,232 @@
+"""`cdc-embedder bench`: model, hardware bound and the real pipeline, measured in one run, one report."""
+
+from __future__ import annotations
+
+import gc
+import os
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from consumer.bench import model as bm
+from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
+from consumer.bench.machine import RssSampler, machine
+from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
+from consumer.bench.pipeline import (
+    SOURCE_DDL,
+    Consumer,
+    bench_env,
+    histogram_buckets,
+    set_connector_paused,
+    settings_from,
+)
+from consumer.bench.report import targets, write_report
+from consumer.embedder import SentenceTransformerEmbedder
+from consumer.settings import Settings
+
+Say = Callable[[str], None]
+# id ranges of the phases, apart from each other
+LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS = 1_000_000, 10_000_000, 20_000_000, 30_000_000
+# (name, dtype, token budget, torch threads); 0 threads: the settings' value
+VARIANTS = (
+    ("fp32, one padded batch (before)", "float32", 0, 0),
+    ("fp32, token budget 2048", "float32", 2048, 0),
+    ("fp32, token budget 1024", "float32", 1024, 0),
+    ("fp32, token budget 512", "float32", 512, 0),
+    ("fp32, token budget 1024, 1 thread", "float32", 1024, 1),
+    ("bf16, one padded batch", "bfloat16", 0, 0),
+    ("bf16, token budget 1024", "bfloat16", 1024, 0),
+)
+
+
+@dataclass(frozen=True)
+class BenchArgs:
+    n: int = 2000
+    variant_n: int = 400
+    freshness_s: float = 120.0
+    latency_n: int = 200
+    latency_pace_s: float = 0.1
+    soak_minutes: float = 0.0
+    out: Path = Path("bench-results")
+    corpus: Path = bm.CORPUS
+    keep_stack: bool = False
+
+
+def run_bench(args: BenchArgs, say: Say) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no load reports between progress lines
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    started = datetime.now()
+    folder = args.out / started.strftime("%Y%m%d-%H%M%S")
+    model_folder = bm.build_random_model((args.out / "cache" / "gte-small-random").resolve())
+    env = bench_env(model_folder)
+    settings = settings_from(env)
+    result: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "args": {k: str(v) for k, v in asdict(args).items()},
+        "machine": machine(),
+        "settings": {k: str(v) for k, v in settings.model_dump(mode="json").items()},
+    }
+    result["settings"]["database_url"] = settings.redacted_dsn()
+    say(f"machine: {result['machine']}")
+    say(f"results: {folder}")
+    if args.soak_minutes <= 0:
+        model_phases(args, settings, result, say)
+    try:
+        pipeline_phases(args, env, settings, result, say)
+    finally:
+        if not args.keep_stack:
+            from consumer.stack import LocalStack
+
+            LocalStack(settings).down(purge=True, progress=say)
+        result["targets"] = targets(result)
+        for path in write_report(result, folder):
+            say(f"wrote {path}")
+    for t in result["targets"]:
+        say(
+            f"{'PASS' if t['pass'] else 'FAIL'} {t['name']}: {t['value']:.3g} (target {t['op']} {t['limit']})"
+        )
+    return 0
+
+
+def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], say: Say) -> None:
+    import torch
+
+    say("matmul bound: fp32, bf16 ...")
+    matmul = {d: bm.matmul_bound(d) for d in ("float32", "bfloat16")}
+    say(f"  fp32 {matmul['float32']['gflops']:.0f} GFLOP/s, bf16 {matmul['bfloat16']['gflops']:.0f} GFLOP/s")
+    rows = bm.corpus_rows(args.corpus, args.n)
+    texts = bm.texts_of(rows, settings)
+    say(f"raw model: {args.n} texts, as configured (dtype {settings.embed_dtype}) ...")
+    reference = bm.encode_run(
+        SentenceTransformerEmbedder(settings), texts, settings.batch_max_events, GTE_SMALL
+    )
+    say(f"  {reference['texts_per_s']:.1f} texts/s, {reference['tokens_per_s']:.0f} tokens/s")
+    threads = torch.get_num_threads()
+    variants: dict[str, dict[str, float]] = {}
+    for name, dtype, budget, n_threads in VARIANTS:
+        say(f"raw model variant: {name} ({min(args.variant_n, len(texts))} texts) ...")
+        embedder = SentenceTransformerEmbedder(
+            settings.model_copy(update={"embed_dtype": dtype, "torch_threads": n_threads}),
+            token_budget=budget,
+        )
+        variants[name] = bm.encode_run(
+            embedder, texts[: args.variant_n], settings.batch_max_events, GTE_SMALL
+        )
+        variants[name]["dtype_bf16"] = float(dtype == "bfloat16")
+        torch.set_num_threads(threads)
+        del embedder
+        gc.collect()
+        say(f"  {variants[name]['texts_per_s']:.1f} texts/s, {variants[name]['achieved_gflops']:.0f} GFLOP/s")
+    again = {d: bm.matmul_bound(d) for d in ("float32", "bfloat16")}  # the machine is shared: best of two
+    for dtype in matmul:
+        matmul[dtype]["gflops"] = max(matmul[dtype]["gflops"], again[dtype]["gflops"])
+    baseline = variants[VARIANTS[0][0]]["texts_per_s"]
+    for v in variants.values():
+        bound = matmul["bfloat16" if v.pop("dtype_bf16") else "float32"]["gflops"]
+        v["fraction_of_bound"] = v["achieved_gflops"] / bound
+        v["speedup"] = v["texts_per_s"] / baseline
+    ref_bound = matmul[settings.embed_dtype]["gflops"]
+    reference["fraction_of_bound"] = reference["achieved_gflops"] / ref_bound
+    variants = {f"as configured ({settings.embed_dtype}, default budget), all N": reference, **variants}
+    fp32 = reference if settings.embed_dtype == "float32" else variants["fp32, token budget 1024"]
+    result["matmul"] = matmul
+    result["raw"] = {
+        "model": str(settings.model), "shape": GTE_SMALL.as_dict(), "texts_per_s": reference["texts_per_s"],
+        "tokens_per_s": reference["tokens_per_s"], "fp32_fraction_of_bound": fp32["fraction_of_bound"],
+        "default": "as configured", "variants": variants,
+    }  # fmt: skip
+    say("bf16 quality gate on the stand-in model ...")
+    docs = bm.texts_of(bm.corpus_rows(args.corpus, 300, skip=20_000), settings)
+    queries = [r["body"].split(".")[0][:120] for r in bm.corpus_rows(args.corpus, 20, skip=20_000)]
+    result["quality_gate"] = bm.quality_gate(settings, docs, queries, settings.batch_max_events)
+    say(f"  {'PASS' if result['quality_gate'].get('pass') else 'FAIL'}: {result['quality_gate']}")
+    gc.collect()
+
+
+def pipeline_phases(
+    args: BenchArgs, env: dict[str, str], settings: Settings, result: dict[str, Any], say: Say
+) -> None:
+    from consumer.connectors import load_connector_file, register_connector
+    from consumer.stack import LocalStack
+
+    stack = LocalStack(settings)
+    stack.down(purge=True, progress=say)  # a clean start, whatever an earlier run left
+    stack.up(progress=say)
+    with psycopg.connect(settings.dsn, autocommit=True) as conn:
+        conn.execute(SOURCE_DDL)
+    register_connector(settings, progress=say)
+    connector = load_connector_file()["name"]
+    latency_rows = bm.corpus_rows(args.corpus, 3 * args.latency_n, skip=40_000, id_base=LATENCY_IDS)
+    chunks = [latency_rows[i * args.latency_n : (i + 1) * args.latency_n] for i in range(3)]
+    latency: dict[str, Any] = {}
+    with psycopg.connect(settings.dsn) as conn:
+        say(f"insert latency, consumer stopped, connector running ({args.latency_n} rows) ...")
+        latency["stopped (connector running)"] = summary(
+            insert_latencies(conn, chunks[0], args.latency_pace_s)
+        )
+        set_connector_paused(settings, connector, True)
+        say("insert latency, consumer stopped, connector paused ...")
+        latency["stopped (connector paused)"] = summary(
+            insert_latencies(conn, chunks[1], args.latency_pace_s)
+        )
+        set_connector_paused(settings, connector, False)
+        consumer = Consumer(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
+        sampler = RssSampler(consumer.pid, 10.0 if args.soak_minutes > 0 else 1.0).start()
+        try:
+            consumer.wait_ready()
+            say(f"consumer ready (pid {consumer.pid}); warm-up ...")
+            n = wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 2 * args.latency_n, 300, say)
+            say(f"  caught up: {n} rows from the stopped phases embedded")
+            say("insert latency, pipeline running ...")
+            latency["running"] = summary(insert_latencies(conn, chunks[2], args.latency_pace_s))
+            wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 3 * args.latency_n, 300, say)
+            stopped = latency["stopped (connector paused)"]
+            latency["p50_ratio"] = latency["running"]["p50"] / stopped["p50"]
+            latency["p99_ratio"] = latency["running"]["p99"] / stopped["p99"]
+            result["insert_latency"] = latency
+            say(f"  p50/p99 ms: running {latency['running']['p50']:.2f}/{latency['running']['p99']:.2f}, "
+                f"stopped {stopped['p50']:.2f}/{stopped['p99']:.2f}")  # fmt: skip
+            n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)
+            say(f"end to end: COPY {n_bulk} rows, waiting for the last vector ...")
+            bulk = bulk_throughput(conn, settings, bm.corpus_rows(args.corpus, n_bulk, id_base=BULK_IDS), say)
+            raw = result.get("raw", {}).get("texts_per_s", math.nan)
+            bulk["ratio_to_raw"] = bulk["texts_per_s"] / raw if raw == raw else math.nan
+            result["end_to_end"] = bulk
+            say(f"  {bulk['texts_per_s']:.1f} texts/s, {bulk['ratio_to_raw']:.2f} of the raw model")
+            rate = max(bulk["texts_per_s"] / 2, 0.5)
+            key, ids, duration = (
+                ("soak", SOAK_IDS, args.soak_minutes * 60) if args.soak_minutes > 0
+                else ("freshness", STEADY_IDS, args.freshness_s)
+            )  # fmt: skip
+            say(f"{key}: {rate:.1f} rows/s for {duration:.0f} s ...")
+            before = consumer.metrics()
+            steady = steady_load(
+                conn, settings, cycle_rows(args.corpus, ids, skip=n_bulk), rate, duration, say
+            )
+            buckets = histogram_buckets(before, consumer.metrics(), "cdc_embedder_end_to_end_seconds")
+            steady["histogram_end_to_end_s"] = {
+                f"p{q}": histogram_quantile(q / 100, buckets) for q in (50, 95, 99)
+            }
+            result["freshness"] = steady
+            if key == "soak":
+                result["soak"] = {"minutes": args.soak_minutes, "series": steady["series"]}
+            f = steady["freshness_s"]
+            say(f"  freshness p50/p95/p99 {f['p50']:.2f}/{f['p95']:.2f}/{f['p99']:.2f} s")
+        finally:
+            sampler.stop()
+            consumer.stop()
+    samples = sampler.samples
+    tail = [s for s in samples if s[0] >= samples[-1][0] / 5] if samples else []
+    result["memory"] = {
+        "peak_bytes": float(sampler.peak),
+        "final_bytes": float(samples[-1][1]) if samples else math.nan,
+        "slope_mb_per_h": slope([t for t, _ in tail], [r / 2**20 for _, r in tail]) * 3600,
+        "samples": samples,
+    }
+    final_mb = result["memory"]["final_bytes"] / 2**20
+    say(f"consumer RSS peak {sampler.peak / 2**20:.0f} MB, final {final_mb:.0f} MB")
