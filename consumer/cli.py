@@ -83,6 +83,7 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     bench = BenchArgs(
         n=args.n,
         variant_n=args.variant_n,
+        rounds=args.rounds,
         freshness_s=args.freshness_s,
         latency_n=args.latency_n,
         soak_minutes=args.soak or 0.0,
@@ -119,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--file", type=Path, default=None, help="JSONL of {id, title, body} rows to load")
     bench = commands.add_parser("bench", help="measure model, hardware bound and pipeline; write a report")
     bench.add_argument("--n", type=int, default=2000, help="texts for the raw model and the bulk insert")
-    bench.add_argument("--variant-n", type=int, default=400, help="texts per raw-model variant")
+    bench.add_argument("--variant-n", type=int, default=200, help="texts per raw-model variant and round")
+    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the variants (best kept)")
     bench.add_argument("--freshness-s", type=float, default=120.0, help="steady-load duration")
     bench.add_argument("--latency-n", type=int, default=200, help="single-row inserts per latency phase")
     bench.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="steady load this long")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -33,13 +34,20 @@ BENCH_STACK_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-# The source table of the bench: the demo table, whose updated_at (now() at insert) is the commit time
-# of a single-row insert.
-SOURCE_DDL = (
-    "CREATE TABLE IF NOT EXISTS public.documents (id bigint PRIMARY KEY, title text, body text, "
-    "tags text[], updated_at timestamptz NOT NULL DEFAULT now())"
-)
 METRICS = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def create_source_table(settings: Settings) -> None:
+    """The demo source table (its updated_at, now() at insert, is a one-row insert's commit time) and the
+    publication Debezium reads it through."""
+    from consumer.connectors import publication_name
+    from consumer.schema import create_demo_source_table
+
+    async def create() -> None:
+        async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
+            await create_demo_source_table(conn, settings, publication_name(settings))
+
+    asyncio.run(create())
 
 
 def bench_env(model_folder: Path) -> dict[str, str]:

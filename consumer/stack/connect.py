@@ -8,7 +8,6 @@ Connect clusters.
 from __future__ import annotations
 
 import os
-import shutil
 
 import httpx
 
@@ -16,15 +15,12 @@ from consumer.settings import Settings, env_name
 from consumer.stack.maven import JarDirs
 from consumer.stack.process import (
     LOG4J2_CONSOLE,
+    LocalServer,
     Progress,
     StackError,
-    free_port_or_fail,
     java_command,
-    owned_pid,
-    port_open,
     silent,
     start_detached,
-    stop_pid,
     wait_until,
     write_properties,
 )
@@ -74,8 +70,11 @@ def client_security(settings: Settings) -> dict[str, str]:
     return props
 
 
-class LocalConnect:
+class LocalConnect(LocalServer):
     name = "connect"
+    what = "Kafka Connect"
+    # stop: LocalServer's TERM lets the worker commit source offsets and leave the group, so the next
+    # start is quick
 
     def __init__(self, settings: Settings, jars: JarDirs) -> None:
         self.settings = settings
@@ -141,17 +140,21 @@ class LocalConnect:
             p.get("class") == POSTGRES_CONNECTOR for p in plugins.json()
         )
 
-    def pid(self) -> int | None:
-        return owned_pid(self.pid_file, str(self.properties))
+    def _marker(self) -> str:
+        return str(self.properties)
 
-    def is_running(self) -> bool:
-        return self.pid() is not None and port_open(self.port)
+    def _ports(self) -> list[tuple[int, str, str]]:
+        return [(self.port, "Kafka Connect", env_name("stack_connect_port"))]
+
+    def _location(self) -> str:
+        return f"at {self.url}"
+
+    def _status_details(self) -> dict[str, object]:
+        return {"url": self.url}
 
     def start(self, progress: Progress = silent, timeout_s: float = 180.0) -> None:
-        if self.is_running():
-            progress(f"connect: already running at {self.url} (pid {self.pid()})")
+        if not self._should_start(progress):
             return
-        free_port_or_fail(self.port, what="Kafka Connect", setting=env_name("stack_connect_port"))
         if not any(self.jars.debezium.glob("debezium-connector-postgres-*.jar")):
             raise StackError(
                 f"the Debezium plugin is missing from {self.jars.debezium}: run `stack up` again"
@@ -178,24 +181,3 @@ class LocalConnect:
                 f"(set {env_name('kafka_bootstrap_servers')})"
             ) from None
         progress(f"connect: ready at {self.url}")
-
-    def stop(self, progress: Progress = silent, timeout_s: float = 30.0) -> None:
-        pid = self.pid()
-        if pid is not None:
-            progress(f"connect: stopping (pid {pid})")
-            # TERM lets the worker commit source offsets and leave the group, so the next start is quick
-            stop_pid(pid, what="Kafka Connect", term_timeout_s=timeout_s)
-        self.pid_file.unlink(missing_ok=True)
-
-    def purge(self) -> None:
-        shutil.rmtree(self.home, ignore_errors=True)
-
-    def status(self) -> dict[str, object]:
-        pid = self.pid()
-        return {
-            "running": pid is not None and port_open(self.port),
-            "pid": pid,
-            "port": self.port,
-            "url": self.url,
-            "log": str(self.log_file),
-        }

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import shutil
 import socket
 import struct
 import subprocess
@@ -13,16 +12,13 @@ from consumer.settings import Settings, env_name
 from consumer.stack.maven import JarDirs
 from consumer.stack.process import (
     LOG4J2_CONSOLE,
+    LocalServer,
     Progress,
     StackError,
-    free_port_or_fail,
     java_command,
     log_tail,
-    owned_pid,
-    port_open,
     silent,
     start_detached,
-    stop_pid,
     wait_until,
     write_properties,
 )
@@ -86,8 +82,12 @@ def broker_ready(port: int, host: str = "127.0.0.1", timeout_s: float = 3.0) -> 
         return brokers >= 1
 
 
-class EmbeddedKafka:
+class EmbeddedKafka(LocalServer):
     name = "kafka"
+    what = "Kafka"
+    # stop: LocalServer's TERM runs Kafka's controlled shutdown, which flushes logs so the next start
+    # skips recovery.
+    stop_timeout_s = 45.0
 
     def __init__(self, settings: Settings, jars: JarDirs) -> None:
         self.settings = settings
@@ -153,20 +153,21 @@ class EmbeddedKafka:
         if result.returncode != 0:
             raise StackError(f"formatting Kafka storage failed:\n{log_tail(self.log_file, 20)}")
 
-    def pid(self) -> int | None:
-        return owned_pid(self.pid_file, str(self.properties))
+    def _marker(self) -> str:
+        return str(self.properties)
 
-    def is_running(self) -> bool:
-        return self.pid() is not None and port_open(self.port)
+    def _ports(self) -> list[tuple[int, str, str]]:
+        return [
+            (self.port, "the embedded Kafka", env_name("stack_kafka_port")),
+            (self.controller_port, "the Kafka controller", env_name("stack_kafka_controller_port")),
+        ]
+
+    def _status_details(self) -> dict[str, object]:
+        return {"url": f"127.0.0.1:{self.port}", "data": str(self.data_dir)}
 
     def start(self, progress: Progress = silent, timeout_s: float = 120.0) -> None:
-        if self.is_running():
-            progress(f"kafka: already running on 127.0.0.1:{self.port} (pid {self.pid()})")
+        if not self._should_start(progress):
             return
-        free_port_or_fail(self.port, what="the embedded Kafka", setting=env_name("stack_kafka_port"))
-        free_port_or_fail(
-            self.controller_port, what="the Kafka controller", setting=env_name("stack_kafka_controller_port")
-        )
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._write_config()
@@ -188,28 +189,6 @@ class EmbeddedKafka:
         )
         progress(f"kafka: ready on 127.0.0.1:{self.port} (controller {self.controller_port})")
 
-    def stop(self, progress: Progress = silent, timeout_s: float = 45.0) -> None:
-        pid = self.pid()
-        if pid is not None:
-            progress(f"kafka: stopping (pid {pid})")
-            # TERM runs Kafka's controlled shutdown, which flushes logs so the next start skips recovery.
-            stop_pid(pid, what="Kafka", term_timeout_s=timeout_s)
-        self.pid_file.unlink(missing_ok=True)
-
     def restart(self, progress: Progress = silent) -> None:
         self.stop(progress)
         self.start(progress)
-
-    def purge(self) -> None:
-        shutil.rmtree(self.home, ignore_errors=True)
-
-    def status(self) -> dict[str, object]:
-        pid = self.pid()
-        return {
-            "running": pid is not None and port_open(self.port),
-            "pid": pid,
-            "port": self.port,
-            "url": f"127.0.0.1:{self.port}",
-            "data": str(self.data_dir),
-            "log": str(self.log_file),
-        }

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from consumer.stack.process import Progress, StackError, log_tail, require_tool, silent
+from consumer.stack.process import Progress, StackError, appending_log, log_tail, require_tool, silent
 
 MARKER = ".resolved"
 # The Debezium jars sit one level down: Connect's plugin.path lists folders *of* plugin folders.
@@ -67,10 +67,7 @@ def _copy_dependencies(pom: Path, target: Path, log_file: Path, timeout_s: float
     staging = target.with_name(target.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
     argv = [mvn, "-q", "-B", "-f", str(pom), "dependency:copy-dependencies", f"-DoutputDirectory={staging}"]
-    log_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
-        log.write(f"\n---- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
-        log.flush()
+    with appending_log(log_file, " ".join(argv)) as log:
         try:
             result = subprocess.run(
                 argv,

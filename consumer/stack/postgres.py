@@ -21,15 +21,13 @@ from psycopg import sql
 
 from consumer.settings import Settings, env_name
 from consumer.stack.process import (
+    LocalServer,
     Progress,
     StackError,
-    free_port_or_fail,
     log_tail,
-    owned_pid,
     port_open,
     silent,
     start_detached,
-    stop_pid,
     wait_until,
 )
 
@@ -90,8 +88,13 @@ def _can_traverse(path: Path, account: pwd.struct_passwd) -> bool:
     return True
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(LocalServer):
     name = "postgres"
+    what = "Postgres"
+    # SIGINT is Postgres' "fast" shutdown: a clean checkpoint without waiting for clients such as
+    # Debezium's replication connection. Only the postmaster is signalled; it stops its children.
+    stop_signal = signal.SIGINT
+    stop_signal_to_group = False
 
     def __init__(self, settings: Settings, progress: Progress = silent) -> None:
         self.settings = settings
@@ -209,18 +212,19 @@ class EmbeddedPostgres:
         with self._admin_connect(dbname) as conn:
             conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
 
-    # --- lifecycle -------------------------------------------------------------------------------
-    def pid(self) -> int | None:
-        return owned_pid(self.pid_file, str(self.data_dir))
+    # --- lifecycle (the rest is LocalServer's) ---------------------------------------------------
+    def _marker(self) -> str:
+        return str(self.data_dir)
 
-    def is_running(self) -> bool:
-        return self.pid() is not None and port_open(self.port)
+    def _ports(self) -> list[tuple[int, str, str]]:
+        return [(self.port, "the embedded Postgres", env_name("stack_pg_port"))]
+
+    def _status_details(self) -> dict[str, object]:
+        return {"url": self.settings.redacted_dsn(), "data": str(self.data_dir)}
 
     def start(self, progress: Progress = silent, timeout_s: float = 60.0) -> None:
-        if self.is_running():
-            progress(f"postgres: already running on 127.0.0.1:{self.port} (pid {self.pid()})")
+        if not self._should_start(progress):
             return
-        free_port_or_fail(self.port, what="the embedded Postgres", setting=env_name("stack_pg_port"))
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._own(self.home, self.socket_dir)
         if self.home != self.stack_dir / "postgres":
@@ -239,28 +243,3 @@ class EmbeddedPostgres:
         wait_until(self._answers, what="Postgres", timeout_s=timeout_s, log_file=self.log_file, pid=pid)
         self._bootstrap()
         progress(f"postgres: ready on 127.0.0.1:{self.port} (pid {pid}, data {self.data_dir})")
-
-    def stop(self, progress: Progress = silent, timeout_s: float = 30.0) -> None:
-        pid = self.pid()
-        if pid is not None:
-            progress(f"postgres: stopping (pid {pid})")
-            # SIGINT is Postgres' "fast" shutdown: a clean checkpoint without waiting for clients such as
-            # Debezium's replication connection. Only the postmaster is signalled; it stops its children.
-            stop_pid(
-                pid, what="Postgres", term_timeout_s=timeout_s, first=signal.SIGINT, first_to_group=False
-            )
-        self.pid_file.unlink(missing_ok=True)
-
-    def purge(self) -> None:
-        shutil.rmtree(self.home, ignore_errors=True)
-
-    def status(self) -> dict[str, object]:
-        pid = self.pid()
-        return {
-            "running": pid is not None and port_open(self.port),
-            "pid": pid,
-            "port": self.port,
-            "url": self.settings.redacted_dsn(),
-            "data": str(self.data_dir),
-            "log": str(self.log_file),
-        }

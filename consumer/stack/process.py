@@ -1,4 +1,5 @@
-"""Process helpers shared by the local stack: detached start, pid files, readiness waits, TERM then KILL.
+"""Process helpers shared by the local stack: detached start, pid files, readiness waits, TERM then KILL,
+and `LocalServer`, the lifecycle every server of the stack has in common.
 
 The stack's servers must outlive the `cdc-embedder stack up` command that started them, so each runs in
 its own session with its output appended to a log file, and is found again later through a pid file.
@@ -13,8 +14,10 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 Progress = Callable[[str], None]
 
@@ -102,6 +105,16 @@ def log_tail(log_file: Path, lines: int = 30) -> str:
     return "\n".join(text.splitlines()[-lines:])
 
 
+@contextlib.contextmanager
+def appending_log(log_file: Path, banner: str) -> Iterator[BinaryIO]:
+    """Open `log_file` for appending (creating its folder), after a line that marks where this run begins."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with log_file.open("ab") as log:
+        log.write(f"\n---- {time.strftime('%Y-%m-%d %H:%M:%S')} {banner}\n".encode())
+        log.flush()
+        yield log
+
+
 def start_detached(
     argv: Sequence[str],
     *,
@@ -115,11 +128,8 @@ def start_detached(
 
     `run_as` is (uid, gid): the log file is opened here, so the server needs no access to the log folder.
     """
-    log_file.parent.mkdir(parents=True, exist_ok=True)
     pid_file.parent.mkdir(parents=True, exist_ok=True)
-    with log_file.open("ab") as log:
-        log.write(f"\n---- {time.strftime('%Y-%m-%d %H:%M:%S')} starting: {argv[-1]}\n".encode())
-        log.flush()
+    with appending_log(log_file, f"starting: {argv[-1]}") as log:
         try:
             proc = subprocess.Popen(
                 list(argv),
@@ -203,28 +213,84 @@ def stop_pid(
         raise StackError(f"{what} (pid {pid}) survived SIGKILL")
 
 
-def stop_from_pid_file(pid_file: Path, *, marker: str, what: str, term_timeout_s: float = 30.0) -> int | None:
-    """Stop the process named by `pid_file` and remove the file; return the pid that was stopped."""
-    pid = owned_pid(pid_file, marker)
-    if pid is not None:
-        stop_pid(pid, what=what, term_timeout_s=term_timeout_s)
-    pid_file.unlink(missing_ok=True)
-    return pid
-
-
-def running_pid(pid_file: Path, marker: str, port: int) -> int | None:
-    """The pid from `pid_file` when that process is ours, alive, and its port accepts connections."""
-    pid = owned_pid(pid_file, marker)
-    if pid is None or not port_open(port):
-        return None
-    return pid
-
-
 def free_port_or_fail(port: int, *, what: str, setting: str) -> None:
     if port_open(port):
         raise StackError(
             f"port {port} for {what} is taken by another program: stop it or set {setting} to a free port"
         )
+
+
+class LocalServer(ABC):
+    """What the stack's servers share: a pid file, a port, a log, a home folder, and start/stop around them.
+
+    A subclass sets the attributes below and supplies its marker, its ports and its own `start`; the pid
+    file ownership, "already running", stop and status live here once.
+    """
+
+    name: str  # the prefix of progress lines and the key in `stack status`
+    what: str  # how errors name the server
+    port: int
+    home: Path
+    log_file: Path
+    pid_file: Path
+    stop_timeout_s = 30.0
+    stop_signal = signal.SIGTERM
+    stop_signal_to_group = True
+
+    @abstractmethod
+    def _marker(self) -> str:
+        """Text in this server's command line that tells it apart from whatever reuses its pid."""
+
+    @abstractmethod
+    def _ports(self) -> list[tuple[int, str, str]]:
+        """(port, what listens there, the setting that moves it) for every port the server binds."""
+
+    def _location(self) -> str:
+        return f"on 127.0.0.1:{self.port}"
+
+    def _status_details(self) -> dict[str, object]:
+        return {}
+
+    def pid(self) -> int | None:
+        return owned_pid(self.pid_file, self._marker())
+
+    def is_running(self) -> bool:
+        return self.pid() is not None and port_open(self.port)
+
+    def _should_start(self, progress: Progress) -> bool:
+        """The start preamble: False when already running, else fail unless every port is free."""
+        if self.is_running():
+            progress(f"{self.name}: already running {self._location()} (pid {self.pid()})")
+            return False
+        for port, what, setting in self._ports():
+            free_port_or_fail(port, what=what, setting=setting)
+        return True
+
+    def stop(self, progress: Progress = silent, timeout_s: float | None = None) -> None:
+        pid = self.pid()
+        if pid is not None:
+            progress(f"{self.name}: stopping (pid {pid})")
+            stop_pid(
+                pid,
+                what=self.what,
+                term_timeout_s=self.stop_timeout_s if timeout_s is None else timeout_s,
+                first=self.stop_signal,
+                first_to_group=self.stop_signal_to_group,
+            )
+        self.pid_file.unlink(missing_ok=True)
+
+    def purge(self) -> None:
+        shutil.rmtree(self.home, ignore_errors=True)
+
+    def status(self) -> dict[str, object]:
+        pid = self.pid()
+        return {
+            "running": pid is not None and port_open(self.port),
+            "pid": pid,
+            "port": self.port,
+            **self._status_details(),
+            "log": str(self.log_file),
+        }
 
 
 def java_command(

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,12 @@ from consumer import cli
 from consumer.settings import Settings
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("CDC_"):
-            monkeypatch.delenv(name)
-    yield
-
-
 @pytest.fixture
 def parser() -> argparse.ArgumentParser:
     return cli.build_parser()
 
 
-DOCUMENTED = ["run", "stack", "connector", "search", "replay-dlq", "demo"]
+DOCUMENTED = ["run", "stack", "connector", "search", "replay-dlq", "demo", "bench"]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[str]:

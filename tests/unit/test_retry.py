@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 
 from consumer.errors import ErrorClass
@@ -31,14 +28,6 @@ T0 = 1_718_000_000_000
 
 PERMANENT = [c for c in ErrorClass if c.permanent]
 TRANSIENT = [c for c in ErrorClass if not c.permanent]
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("CDC_"):
-            monkeypatch.delenv(name)
-    yield
 
 
 def policy(max_attempts: int = 4, initial_s: float = 2.0, max_s: float = 10.0) -> RetryPolicy:

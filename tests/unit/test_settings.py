@@ -2,21 +2,9 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 
 from consumer.settings import DEFAULT_MODEL, Settings, SettingsError, env_name, load_settings
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """No CDC_* variable of the machine running the tests may leak into them."""
-    for name in list(os.environ):
-        if name.upper().startswith("CDC_"):
-            monkeypatch.delenv(name)
-    yield
 
 
 def load_with(monkeypatch: pytest.MonkeyPatch, **env: str) -> Settings:
