@@ -9,10 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
 from consumer import metrics
-from consumer.kafka import KafkaPublisher, client_options, make_producer
+from consumer.kafka import KafkaPublisher, client_options, make_producer, partitions_of, stop_groupless
 from consumer.retry import H_ERROR_CLASS, H_FIRST_FAILURE_MS, H_ORIGINAL_TOPIC, H_REPLAYED_AT_MS, now_ms
 from consumer.settings import Settings
 
@@ -52,8 +52,7 @@ async def replay_dead_letters(
     await reader.start()
     await producer.start()
     try:
-        partitions = reader.partitions_for_topic(settings.dlq_topic) or set()
-        tps = [TopicPartition(settings.dlq_topic, p) for p in sorted(partitions)]
+        tps = await partitions_of(reader, settings.dlq_topic)
         if not tps:
             progress(f"no dead-letter topic {settings.dlq_topic}: nothing to replay")
             return ReplayResult(0, 0)
@@ -84,5 +83,5 @@ async def replay_dead_letters(
                 progress(f"scanned {scanned} dead letters, replayed {replayed}")
         return ReplayResult(scanned, replayed)
     finally:
-        await reader.stop()
+        await stop_groupless(reader)
         await producer.stop()

@@ -62,6 +62,9 @@ def make_consumer(settings: Settings, **overrides: Any) -> AIOKafkaConsumer:
         isolation_level="read_committed",  # retry records of aborted batches are never seen
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         max_poll_records=settings.batch_max_events,
+        # Kafka's own defaults since 3.0: a busy 2-core machine can starve heartbeats for a few seconds.
+        session_timeout_ms=45000,
+        heartbeat_interval_ms=3000,
         **overrides,
     )
 
@@ -72,6 +75,27 @@ def make_producer(settings: Settings, transactional: bool = False) -> AIOKafkaPr
     return AIOKafkaProducer(
         **client_options(settings), acks="all", enable_idempotence=True, linger_ms=5, transactional_id=txn_id
     )
+
+
+async def stop_groupless(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer without a group.
+
+    aiokafka's group-less coordinator re-raises the CancelledError of its own housekeeping task when it
+    is stopped before that task ran: not a cancellation of ours, unless this task is being cancelled.
+    """
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+
+
+async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
+    """The partitions of a topic, after fetching metadata (a fresh consumer knows of no topic yet)."""
+    if topic not in await consumer.topics():
+        return []
+    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
 
 
 class KafkaPublisher:

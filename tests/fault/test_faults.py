@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -27,15 +31,15 @@ pytestmark = pytest.mark.fault
 
 
 def run_scenario(
-    settings: Settings,
-    consumer: ConsumerProcess,
-    id_base: int,
-    fault: Callable[[], None],
-    marks: dict[int, str] | None = None,
-    operations: int = 300,
+    settings: Settings, consumer: ConsumerProcess, id_base: int, fault: Callable[[], None]
+) -> None:
+    run_workload(settings, consumer, Workload(settings, id_base), fault)
+
+
+def run_workload(
+    settings: Settings, consumer: ConsumerProcess, workload: Workload, fault: Callable[[], None]
 ) -> set[int]:
     """Stream changes, inject the fault a few seconds in, then check that nothing was lost."""
-    workload = Workload(settings, id_base, operations=operations, skip=id_base % 40_000, marks=marks or {})
     workload.start()
     time.sleep(3)
     fault()
@@ -43,7 +47,7 @@ def run_scenario(
     if not consumer.running():
         consumer.start()
     consumer.wait_ready()
-    failing = {id_base + 1 + i for i, mark in (marks or {}).items() if mark == FAIL_ALWAYS}
+    failing = workload.marked(FAIL_ALWAYS)
     with psycopg.connect(settings.dsn) as db:  # opened now: the fault may have been a Postgres restart
         wait_consistent_except(db, settings, sorted(ids - failing), failing)
     assert consumer.running(), consumer.tail()
@@ -115,10 +119,15 @@ def test_kafka_broker_restart(settings: Settings, pipeline: ConsumerProcess, sta
     run_scenario(settings, pipeline, 3_200_000, stack.kafka.restart)
 
 
-def test_embedder_failing_permanently_and_transiently(settings: Settings, pipeline: ConsumerProcess) -> None:
+def model_failure_workload(settings: Settings) -> Workload:
     marks = {i: FAIL_ALWAYS for i in range(5, 300, 50)} | {i: FAIL_TWICE for i in range(30, 300, 50)}
-    failing = {3_300_000 + 1 + i for i, m in marks.items() if m == FAIL_ALWAYS}
-    run_scenario(settings, pipeline, 3_300_000, lambda: None, marks=marks)
+    return Workload(settings, 3_300_000, marks=marks)
+
+
+def test_embedder_failing_permanently_and_transiently(settings: Settings, pipeline: ConsumerProcess) -> None:
+    workload = model_failure_workload(settings)
+    failing = workload.marked(FAIL_ALWAYS)
+    run_workload(settings, pipeline, workload, lambda: None)
 
     def all_dead() -> list[tuple[int, dict[str, bytes]]] | None:
         letters = dead_letters_for(settings, failing)
@@ -221,3 +230,51 @@ def batch_offsets(log_file: Path, start: int, last: bool) -> dict[str, int]:
                 elif tp not in found:
                     found[tp] = low
     return found
+
+
+def test_replaying_dead_letters_once_the_cause_is_fixed(
+    settings: Settings, pipeline: ConsumerProcess, env: dict[str, str], logs_dir: Path
+) -> None:
+    """The always-failing rows of the model-failure scenario embed once a healthy model replays them."""
+    failing = sorted(model_failure_workload(settings).marked(FAIL_ALWAYS))
+    pipeline.stop()
+    healthy = ConsumerProcess(env, logs_dir / "healthy.log", flaky=False).start().wait_ready()
+    try:
+        first = replay_cli(env, "--error-class", "model_error")
+        assert first >= len(failing)
+        with psycopg.connect(settings.dsn) as db:
+            # the marker stays in the text, but this model does not fail on it
+            wait_consistent(db, settings, failing, timeout_s=180)
+            before = db.execute(
+                "SELECT id, text_sha256, source_lsn, updated_at FROM public.document_embeddings "
+                "WHERE id = ANY(%s) ORDER BY id",
+                (failing,),
+            ).fetchall()
+            assert replay_cli(env, "--error-class", "model_error") == first
+            wait_until(lambda: healthy.metric_sum("cdc_embedder_consumer_lag_messages") == 0, 120, "catch-up")
+            time.sleep(2)
+            db.commit()
+            after = db.execute(
+                "SELECT id, text_sha256, source_lsn, updated_at FROM public.document_embeddings "
+                "WHERE id = ANY(%s) ORDER BY id",
+                (failing,),
+            ).fetchall()
+            assert after == before, "replaying twice changed the vector table"
+    finally:
+        healthy.stop()
+        pipeline.start().wait_ready()
+
+
+def replay_cli(env: dict[str, str], *args: str) -> int:
+    """`cdc-embedder replay-dlq ...` as a user runs it; returns how many records it says it replayed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "replay-dlq", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    found = re.search(r"replayed (\d+) of (\d+) dead letters", result.stdout)
+    assert found, result.stdout + result.stderr
+    return int(found.group(1))

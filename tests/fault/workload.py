@@ -10,8 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import AIOKafkaConsumer
 
+from consumer.kafka import partitions_of, stop_groupless
 from consumer.settings import Settings
 from tests.harness import corpus_rows
 
@@ -22,19 +23,25 @@ class Workload:
 
     settings: Settings
     id_base: int
-    operations: int = 400
+    operations: int = 300
     rate: float = 40.0
-    skip: int = 0
     marks: dict[int, str] = field(default_factory=dict)  # row index -> text appended to its body
     done: threading.Event = field(default_factory=threading.Event)
     ids: set[int] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self._rows = corpus_rows(self.operations, skip=self.skip, id_base=self.id_base)
+        # Scenarios take different corpus texts, so that no two share a text by accident.
+        self._rows = corpus_rows(
+            self.operations, skip=(self.id_base // 100_000 * self.operations) % 50_000, id_base=self.id_base
+        )
         for index, mark in self.marks.items():
             self._rows[index]["body"] += " " + mark
         self._thread = threading.Thread(target=self._run, daemon=True)
         self.error: BaseException | None = None
+
+    def marked(self, mark: str) -> set[int]:
+        """Ids of the rows whose body carries `mark`."""
+        return {int(self._rows[i]["id"]) for i, m in self.marks.items() if m == mark}
 
     def start(self) -> Workload:
         self._thread.start()
@@ -105,8 +112,7 @@ def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, bytes
         )
         await consumer.start()
         try:
-            partitions = consumer.partitions_for_topic(topic) or set()
-            tps = [TopicPartition(topic, p) for p in partitions]
+            tps = await partitions_of(consumer, topic)
             if not tps:
                 return []
             consumer.assign(tps)
@@ -118,6 +124,6 @@ def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, bytes
                     out += [(r.key, r.value, dict(r.headers or ())) for r in records]
             return out
         finally:
-            await consumer.stop()
+            await stop_groupless(consumer)
 
     return asyncio.run(read())

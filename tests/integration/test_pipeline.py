@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -157,3 +160,20 @@ def _same(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
         and np.array_equal(vector_a.to_numpy(), vector_b.to_numpy())
     )
     return same_vector and rest_a == rest_b
+
+
+def test_search_command_finds_a_row_by_its_meaning(
+    thousand: list[dict[str, Any]], env: dict[str, str]
+) -> None:
+    row = thousand[10]
+    result = subprocess.run(
+        [sys.executable, "-m", "consumer.cli", "search", f"{row['title']}\n\n{row['body']}", "-k", "3"],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("search "), result.stdout
+    assert f"[{row['id']}]" in lines[1], f"expected row {row['id']} first:\n{result.stdout}"
