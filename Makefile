@@ -55,6 +55,13 @@ fault: setup
 test: lint
 	$(BIN)/pytest tests
 
+# Benchmarks on the real local stack (never part of `make test`): reports in bench-results/<time>/.
+bench: setup
+	$(BIN)/cdc-embedder bench
+
+soak: setup
+	$(BIN)/cdc-embedder bench --soak $${SOAK_MINUTES:-30}
+
 stack-up: setup
 	$(BIN)/cdc-embedder stack up
 
@@ -63,4 +70,4 @@ stack-down: setup
 
 clean:
 	-$(BIN)/cdc-embedder stack down --purge
-	rm -rf .stack .stack-test bench-results
+	rm -rf .stack .stack-test .stack-bench bench-results

@@ -9,7 +9,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 
-from consumer.settings import Settings, SettingsError, load_settings
+import psycopg
+
+from consumer.errors import OperatorError
+from consumer.settings import Settings, SettingsError, env_name, load_settings
 
 
 def say(message: str) -> None:
@@ -151,23 +154,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
-    except Exception as exc:
-        # Expected failures carry a message that names the setting to change; no traceback needed.
-        if type(exc).__name__ in _EXPECTED_ERRORS:
-            print(f"cdc-embedder: {exc}", file=sys.stderr)
-            return 1
-        raise
+    except OperatorError as exc:
+        print(f"cdc-embedder: {exc}", file=sys.stderr)
+        return 1
+    except psycopg.OperationalError as exc:
+        print(
+            f"cdc-embedder: Postgres not reachable ({exc}): set {env_name('database_url')}", file=sys.stderr
+        )
+        return 1
 
-
-_EXPECTED_ERRORS = {
-    "ModelLoadError",
-    "SchemaError",
-    "KafkaUnavailable",
-    "StackError",
-    "ConnectorError",
-    "PoolTimeout",
-    "OperationalError",
-}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,12 +15,13 @@ from typing import Any, TypedDict
 
 import httpx
 
+from consumer.errors import OperatorError
 from consumer.settings import Settings, env_name
 
 CONNECTOR_FILE = Path("connectors") / "documents.json"
 
 
-class ConnectorError(RuntimeError):
+class ConnectorError(OperatorError):
     """The connector could not be registered or inspected; the message says what to change."""
 
 

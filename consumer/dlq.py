@@ -10,9 +10,17 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer
+from aiokafka.errors import KafkaError
 
 from consumer import metrics
-from consumer.kafka import KafkaPublisher, client_options, make_producer, partitions_of, stop_groupless
+from consumer.kafka import (
+    KafkaPublisher,
+    client_options,
+    make_producer,
+    read_whole_topic,
+    stop_groupless,
+    unreachable,
+)
 from consumer.retry import H_ERROR_CLASS, H_FIRST_FAILURE_MS, H_ORIGINAL_TOPIC, H_REPLAYED_AT_MS, now_ms
 from consumer.settings import Settings
 
@@ -49,25 +57,30 @@ async def replay_dead_letters(
         **client_options(settings), enable_auto_commit=False, group_id=None, isolation_level="read_committed"
     )
     producer = make_producer(settings)
-    await reader.start()
-    await producer.start()
     try:
-        tps = await partitions_of(reader, settings.dlq_topic)
+        await reader.start()
+        await producer.start()
+    except (KafkaError, OSError) as exc:
+        await stop_groupless(reader)
+        await producer.stop()
+        raise unreachable(settings, exc) from exc
+    try:
+        tps = await read_whole_topic(reader, settings.dlq_topic)
         if not tps:
             progress(f"no dead-letter topic {settings.dlq_topic}: nothing to replay")
             return ReplayResult(0, 0)
-        reader.assign(tps)
-        await reader.seek_to_beginning(*tps)
+        # The end as the replay began: records dead-lettered meanwhile (a replay failing again) wait for
+        # the next replay. Positions, not record offsets, say when a partition is done: transaction
+        # markers take offsets too.
         ends = await reader.end_offsets(tps)
-        remaining = {tp for tp in tps if ends[tp] > await reader.position(tp)}
         publisher = KafkaPublisher(producer)
         scanned = replayed = 0
+        remaining = [tp for tp in tps if await reader.position(tp) < ends[tp]]
         while remaining:
             batches = await reader.getmany(*remaining, timeout_ms=1000)
             for tp, records in batches.items():
                 for record in records:
                     if record.offset >= ends[tp]:
-                        remaining.discard(tp)
                         break
                     scanned += 1
                     headers = {name: value for name, value in record.headers or ()}
@@ -77,10 +90,9 @@ async def replay_dead_letters(
                         await publisher.publish(topic, record.key, record.value, stamp)
                         replayed += 1
                         metrics.REPLAYED.inc()
-                    if record.offset + 1 >= ends[tp]:
-                        remaining.discard(tp)
-            if scanned and scanned % 1000 == 0:
-                progress(f"scanned {scanned} dead letters, replayed {replayed}")
+                    if scanned % 1000 == 0:
+                        progress(f"scanned {scanned} dead letters, replayed {replayed}")
+            remaining = [tp for tp in remaining if await reader.position(tp) < ends[tp]]
         return ReplayResult(scanned, replayed)
     finally:
         await stop_groupless(reader)

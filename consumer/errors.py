@@ -40,6 +40,13 @@ _PERMANENT = frozenset(
 )
 
 
+class OperatorError(RuntimeError):
+    """A failure the operator fixes by changing a setting or starting a service; its message says which.
+
+    The CLI prints it without a traceback.
+    """
+
+
 class EventError(Exception):
     """A failure tied to one event, with its class."""
 

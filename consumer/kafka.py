@@ -13,6 +13,7 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
 from aiokafka.helpers import create_ssl_context
 
+from consumer.errors import OperatorError
 from consumer.retry import Headers
 from consumer.settings import Settings, env_name
 
@@ -20,7 +21,7 @@ from consumer.settings import Settings, env_name
 METADATA_MAX_AGE_MS = 5000
 
 
-class KafkaUnavailable(RuntimeError):
+class KafkaUnavailable(OperatorError):
     """The brokers cannot be reached; the message names the setting."""
 
 
@@ -91,11 +92,25 @@ async def stop_groupless(consumer: AIOKafkaConsumer) -> None:
             raise
 
 
-async def partitions_of(consumer: AIOKafkaConsumer, topic: str) -> list[TopicPartition]:
-    """The partitions of a topic, after fetching metadata (a fresh consumer knows of no topic yet)."""
+async def read_whole_topic(
+    consumer: AIOKafkaConsumer, topic: str, timeout_s: float = 30
+) -> list[TopicPartition]:
+    """Give a group-less consumer every partition of `topic`, at the beginning; [] if there is no topic.
+
+    Subscribing without a group assigns all partitions once metadata arrives, through public API only
+    (`partitions_for_topic` does not fetch metadata, so a fresh consumer would see no partitions).
+    """
     if topic not in await consumer.topics():
         return []
-    return [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())]
+    consumer.subscribe([topic])
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not consumer.assignment():
+        if asyncio.get_running_loop().time() > deadline:
+            raise TimeoutError(f"no partitions of {topic} assigned within {timeout_s:.0f}s")
+        await asyncio.sleep(0.05)
+    tps = sorted(consumer.assignment())
+    await consumer.seek_to_beginning(*tps)
+    return tps
 
 
 class KafkaPublisher:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 import psycopg
 from psycopg import sql
 
+from consumer.errors import OperatorError
 from consumer.settings import Settings, env_name
 
 
-class SchemaError(RuntimeError):
+class SchemaError(OperatorError):
     """The tables do not fit the configuration; the message names the setting to change."""
 
 

@@ -53,7 +53,7 @@ async def run_service(
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     try:
         embedder = await loop.run_in_executor(executor, embedder_factory, settings)
-        metrics.record_model_info(embedder.name, embedder.dimension, settings.embed_dtype)
+        metrics.record_model_info(embedder.name, embedder.dimension, embedder.dtype)
         pool = open_pool(settings)
         await pool.open(wait=True, timeout=30)
         try:

@@ -74,7 +74,12 @@ class Settings(BaseSettings):
     model: str = Field(default=DEFAULT_MODEL, description="sentence-transformers model id or local folder.")
     max_seq_length: int = Field(default=512, ge=8)
     torch_threads: int = Field(default=0, ge=0, description="0: one per core.")
-    embed_dtype: Literal["float32", "bfloat16"] = "float32"
+    embed_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        default="auto", description="auto: bfloat16 where the CPU computes it natively, else float32."
+    )
+    embed_token_budget: int = Field(
+        default=1024, ge=0, description="Padded tokens per forward pass (length-sorted); 0: one batch."
+    )
     max_text_chars: int = Field(default=200_000, ge=1, description="Longer texts are dead-lettered.")
 
     # --- Batching -------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ class FlakyEmbedder:
         self._inner = inner
         self.name = inner.name
         self.dimension = inner.dimension
+        self.dtype = inner.dtype
         self._calls: Counter[str] = Counter()
         self._lock = threading.Lock()
 

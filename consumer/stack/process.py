@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from consumer.errors import OperatorError
+
 Progress = Callable[[str], None]
 
 
@@ -26,7 +28,7 @@ def silent(_: str) -> None:
     """A progress sink for callers that want no output."""
 
 
-class StackError(RuntimeError):
+class StackError(OperatorError):
     """The local stack could not do what was asked; the message says what to change or install."""
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaConsumer
 
-from consumer.kafka import partitions_of, stop_groupless
+from consumer.kafka import read_whole_topic, stop_groupless
 from consumer.settings import Settings
 from tests.harness import corpus_rows
 
@@ -112,11 +112,9 @@ def read_topic(settings: Settings, topic: str) -> list[tuple[bytes | None, bytes
         )
         await consumer.start()
         try:
-            tps = await partitions_of(consumer, topic)
+            tps = await read_whole_topic(consumer, topic)
             if not tps:
                 return []
-            consumer.assign(tps)
-            await consumer.seek_to_beginning(*tps)
             ends = await consumer.end_offsets(tps)
             out = []
             while [tp for tp in tps if await consumer.position(tp) < ends[tp]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from consumer import cli
+from consumer.embedder import ModelLoadError
 from consumer.settings import Settings
 
 
@@ -158,9 +159,6 @@ def test_main_dispatches_with_the_loaded_settings(monkeypatch: pytest.MonkeyPatc
 def test_main_expected_errors_exit_1_without_traceback(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    class ModelLoadError(RuntimeError):
-        pass
-
     def fail(settings: Settings, args: argparse.Namespace) -> int:
         raise ModelLoadError("cannot load model 'x': set CDC_MODEL.")
 
