@@ -146,6 +146,13 @@ class Settings(BaseSettings):
             )
         return self
 
+    @classmethod
+    def from_env_map(cls, env: dict[str, str]) -> Settings:
+        """Settings from a map of CDC_* variables alone (not this process's environment)."""
+        return cls.model_validate(
+            {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+        )
+
     # --- Derived values -------------------------------------------------------------------------
     @property
     def uses_embedded_postgres(self) -> bool:

@@ -13,11 +13,12 @@ import pytest
 from aiokafka import AIOKafkaProducer
 
 from consumer.connectors import publication_name, register_connector
+from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.schema import create_demo_source_table
 from consumer.settings import Settings
 from consumer.stack import LocalStack
 from tests.flaky_consumer import FAIL_ALWAYS, FAIL_TWICE
-from tests.harness import ConsumerProcess, corpus_rows, insert_rows, settings_from, stack_env, wait_until
+from tests.harness import corpus_rows, flaky_consumer, insert_rows, stack_env
 
 SEED_IDS = 9_000_000  # rows the `pipeline` fixture inserts, apart from every test's own ids
 
@@ -29,7 +30,7 @@ def env() -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def settings(env: dict[str, str]) -> Settings:
-    return settings_from(env)
+    return Settings.from_env_map(env)
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +79,7 @@ def pipeline(
     stack: LocalStack, env: dict[str, str], settings: Settings, db: psycopg.Connection[Any], logs_dir: Path
 ) -> Iterator[ConsumerProcess]:
     """A running consumer that has embedded, retried and dead-lettered something (for the metrics)."""
-    consumer = ConsumerProcess(env, logs_dir / "pipeline.log").start().wait_ready()
+    consumer = flaky_consumer(env, logs_dir / "pipeline.log").start().wait_ready()
     rows = corpus_rows(20, id_base=SEED_IDS)
     rows[0]["body"] += " " + FAIL_ALWAYS
     rows[1]["body"] += " " + FAIL_TWICE

@@ -4,24 +4,17 @@ the checker that compares the vector table with the source table."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import psycopg
-from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 
+from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.embedder import packaged_stand_in_model
 from consumer.errors import EventError
 from consumer.events import join_text
@@ -57,26 +50,9 @@ def stack_env() -> dict[str, str]:
     return {**STACK_ENV, "CDC_MODEL": str(model)}
 
 
-def settings_from(env: dict[str, str]) -> Settings:
-    fields = {k.removeprefix("CDC_").lower(): v for k, v in env.items() if k.startswith("CDC_")}
-    return Settings.model_validate(fields)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(every_s)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}; last: {last!r}")
+def flaky_consumer(env: dict[str, str], log_file: Path) -> ConsumerProcess:
+    """The real consumer with the fault-injecting model wrapper of tests/flaky_consumer.py."""
+    return ConsumerProcess(env, log_file, argv=[sys.executable, str(FLAKY_CONSUMER)])
 
 
 # --- corpus ---------------------------------------------------------------------------------------
@@ -96,81 +72,6 @@ def insert_rows(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> No
             rows,
         )
     conn.commit()
-
-
-# --- the consumer as users run it: a process --------------------------------------------------------
-@dataclass
-class ConsumerProcess:
-    env: dict[str, str]
-    log_file: Path
-    flaky: bool = True
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def metrics_url(self) -> str:
-        return f"{self.url}/metrics"
-
-    def start(self) -> ConsumerProcess:
-        argv = (
-            [sys.executable, str(FLAKY_CONSUMER)]
-            if self.flaky
-            else [sys.executable, "-m", "consumer.cli", "run"]
-        )
-        env = {**os.environ, **self.env, "CDC_HTTP_PORT": str(self.port)}
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-        return self
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def probe(self, path: str) -> int:
-        try:
-            with urllib.request.urlopen(self.url + path, timeout=3) as response:
-                return int(response.status)
-        except urllib.error.HTTPError as exc:
-            return exc.code
-        except OSError:
-            return 0
-
-    def wait_ready(self, timeout_s: float = 180) -> ConsumerProcess:
-        def ready() -> bool:
-            assert self.running(), (
-                f"consumer exited with {self.process and self.process.returncode}:\n{self.tail()}"
-            )
-            return self.probe("/readyz") == 200
-
-        wait_until(ready, timeout_s, "the consumer to be ready")
-        return self
-
-    def metrics(self) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-        with urllib.request.urlopen(self.metrics_url, timeout=5) as response:
-            text = response.read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def metric_sum(self, name: str, **labels: str) -> float:
-        return sum(
-            v for (n, ls), v in self.metrics().items() if n == name and labels.items() <= dict(ls).items()
-        )
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
-        assert self.process is not None
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(timeout=timeout_s)
-
-    def tail(self, lines: int = 30) -> str:
-        return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
 
 
 # --- the checker ----------------------------------------------------------------------------------------
@@ -236,7 +137,7 @@ def wait_consistent(
 
     try:
         wait_until(check, timeout_s, "the vector table to match the source table", every_s=1.0)
-    except AssertionError:
+    except TimeoutError:
         c = last[0]
         raise AssertionError(
             f"not consistent: {len(c.missing)} missing {c.missing[:10]}, "

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
-from prometheus_client.parser import text_string_to_metric_families
+from psycopg import sql
 
+from consumer.consumer_process import Samples, wait_until
 from consumer.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +26,6 @@ BENCH_STACK_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-METRICS = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 def create_source_table(settings: Settings) -> None:
@@ -56,92 +47,7 @@ def bench_env(model_folder: Path) -> dict[str, str]:
     return {**inherited, **BENCH_STACK_ENV, "CDC_MODEL": str(model_folder)}
 
 
-def settings_from(env: dict[str, str]) -> Settings:
-    fields = {k.removeprefix("CDC_").lower(): v for k, v in env.items() if k.startswith("CDC_")}
-    return Settings.model_validate(fields)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_until(check: Callable[[], Any], timeout_s: float, what: str, every_s: float = 0.25) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        result = check()
-        if result:
-            return result
-        time.sleep(every_s)
-    raise TimeoutError(f"timed out after {timeout_s:.0f} s waiting for {what}")
-
-
-@dataclass
-class Consumer:
-    """`cdc-embedder run` as users run it: a process with its own HTTP port, logging to a file."""
-
-    env: dict[str, str]
-    log_file: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> Consumer:
-        env = {**os.environ, **self.env, "CDC_HTTP_PORT": str(self.port)}
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "consumer.cli", "run"],
-                env=env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                cwd=REPO,
-            )
-        return self
-
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def wait_ready(self, timeout_s: float = 300) -> Consumer:
-        def ready() -> bool:
-            if not self.running():
-                raise RuntimeError(f"consumer exited; see {self.log_file}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/readyz", timeout=3) as r:
-                    return int(r.status) == 200
-            except (urllib.error.URLError, OSError):
-                return False
-
-        wait_until(ready, timeout_s, "the consumer to be ready", every_s=0.5)
-        return self
-
-    def metrics(self) -> METRICS:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    def stop(self, timeout_s: float = 60) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-        return self.process.wait(timeout=10)
-
-
-def histogram_buckets(before: METRICS, after: METRICS, name: str) -> list[tuple[float, float]]:
+def histogram_buckets(before: Samples, after: Samples, name: str) -> list[tuple[float, float]]:
     """Cumulative (le, count) buckets of a histogram's growth between two scrapes."""
     growth: dict[float, float] = {}
     for (metric, labels), value in after.items():
@@ -167,7 +73,9 @@ def set_connector_paused(settings: Settings, name: str, paused: bool, timeout_s:
 
 def vector_count(conn: psycopg.Connection[Any], settings: Settings, low: int, high: int) -> int:
     row = conn.execute(
-        f"SELECT count(*) FROM {settings.vector_table} WHERE id >= %s AND id < %s AND embedding IS NOT NULL",
+        sql.SQL("SELECT count(*) FROM {} WHERE {key} >= %s AND {key} < %s AND embedding IS NOT NULL").format(
+            sql.Identifier(*settings.target), key=sql.Identifier(settings.key_column)
+        ),
         (low, high),
     ).fetchone()
     conn.commit()

@@ -17,15 +17,9 @@ from consumer.bench import model as bm
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
-from consumer.bench.pipeline import (
-    Consumer,
-    bench_env,
-    create_source_table,
-    histogram_buckets,
-    set_connector_paused,
-    settings_from,
-)
+from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets, set_connector_paused
 from consumer.bench.report import targets, write_report
+from consumer.consumer_process import ConsumerProcess
 from consumer.embedder import SentenceTransformerEmbedder
 from consumer.settings import Settings
 
@@ -65,7 +59,7 @@ def run_bench(args: BenchArgs, say: Say) -> int:
     folder = args.out / started.strftime("%Y%m%d-%H%M%S")
     model_folder = bm.build_random_model((args.out / "cache" / "gte-small-random").resolve())
     env = bench_env(model_folder)
-    settings = settings_from(env)
+    settings = Settings.from_env_map(env)
     result: dict[str, Any] = {
         "started": started.isoformat(timespec="seconds"),
         "args": {k: str(v) for k, v in asdict(args).items()},
@@ -184,7 +178,7 @@ def pipeline_phases(
             insert_latencies(conn, chunks[1], args.latency_pace_s)
         )
         set_connector_paused(settings, connector, False)
-        consumer = Consumer(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
+        consumer = ConsumerProcess(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
         sampler = RssSampler(consumer.pid, 10.0 if args.soak_minutes > 0 else 1.0).start()
         try:
             consumer.wait_ready()

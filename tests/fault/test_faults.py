@@ -19,13 +19,14 @@ from typing import Any
 import psycopg
 import pytest
 
+from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.retry import H_ATTEMPT, H_ERROR_CLASS, H_ORIGINAL_OFFSET, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC
 from consumer.settings import Settings
 from consumer.stack import LocalStack
 from tests.conftest import produce
 from tests.fault.workload import Workload, read_topic
 from tests.flaky_consumer import FAIL_ALWAYS, FAIL_TWICE
-from tests.harness import ConsumerProcess, wait_consistent, wait_until
+from tests.harness import flaky_consumer, wait_consistent
 
 pytestmark = pytest.mark.fault
 
@@ -169,7 +170,7 @@ def test_garbage_in_the_source_topic(settings: Settings, pipeline: ConsumerProce
 def test_consumers_join_and_leave(
     settings: Settings, pipeline: ConsumerProcess, env: dict[str, str], logs_dir: Path
 ) -> None:
-    extra = [ConsumerProcess(env, logs_dir / f"member-{n}.log") for n in (2, 3)]
+    extra = [flaky_consumer(env, logs_dir / f"member-{n}.log") for n in (2, 3)]
 
     def churn() -> None:
         for member in extra:
@@ -238,7 +239,7 @@ def test_replaying_dead_letters_once_the_cause_is_fixed(
     """The always-failing rows of the model-failure scenario embed once a healthy model replays them."""
     failing = sorted(model_failure_workload(settings).marked(FAIL_ALWAYS))
     pipeline.stop()
-    healthy = ConsumerProcess(env, logs_dir / "healthy.log", flaky=False).start().wait_ready()
+    healthy = ConsumerProcess(env, logs_dir / "healthy.log").start().wait_ready()
     try:
         first = replay_cli(env, "--error-class", "model_error")
         assert first >= len(failing)

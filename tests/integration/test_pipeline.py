@@ -13,9 +13,10 @@ import psycopg
 import pytest
 from pgvector.psycopg import register_vector
 
+from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.embedder import SentenceTransformerEmbedder
 from consumer.settings import Settings
-from tests.harness import ConsumerProcess, corpus_rows, insert_rows, wait_consistent, wait_until
+from tests.harness import corpus_rows, flaky_consumer, insert_rows, wait_consistent
 
 pytestmark = pytest.mark.integration
 
@@ -130,7 +131,7 @@ def test_replaying_the_topic_from_offset_zero_changes_nothing(
     ids = [r["id"] for r in thousand]
     before = vectors(db, ids)
     # A new consumer group starts at the earliest offset: every change event is applied once more.
-    replay = ConsumerProcess({**env, "CDC_CONSUMER_GROUP": "replay-from-zero"}, logs_dir / "replay.log")
+    replay = flaky_consumer({**env, "CDC_CONSUMER_GROUP": "replay-from-zero"}, logs_dir / "replay.log")
     replay.start().wait_ready()
     try:
         wait_until(
