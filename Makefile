@@ -52,8 +52,9 @@ integration: setup
 fault: setup
 	$(BIN)/pytest tests/fault
 
+# Fault tests last: they restart Postgres, Kafka and the consumer under the session's fixtures.
 test: lint
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests/unit tests/integration tests/fault
 
 # Benchmarks on the real local stack (never part of `make test`): reports in bench-results/<time>/.
 bench: setup

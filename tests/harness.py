@@ -3,15 +3,17 @@ the checker that compares the vector table with the source table."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import psycopg
+from aiokafka import AIOKafkaProducer
 from psycopg import sql
 
 from consumer.consumer_process import ConsumerProcess, wait_until
@@ -145,3 +147,38 @@ def wait_consistent(
             f"{len(c.orphaned)} orphaned {c.orphaned[:10]} of {c.live} live rows"
         ) from None
     return last[0]
+
+
+async def produce(
+    settings: Settings, topic: str, records: Sequence[tuple[bytes | None, bytes | None]]
+) -> None:
+    """Records written straight to a topic, as a broken producer would."""
+    producer = AIOKafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
+    await producer.start()
+    try:
+        for key, value in records:
+            await producer.send_and_wait(topic, value=value, key=key)
+    finally:
+        await producer.stop()
+
+
+def exercise(consumer: ConsumerProcess, settings: Settings, id_base: int) -> None:
+    """Make the consumer embed, retry and dead-letter something, so that every metric has samples."""
+    from tests.flaky_consumer import FAIL_ALWAYS, FAIL_TWICE
+
+    dead = consumer.metric_sum("cdc_embedder_dead_letters_total")
+    embedded = consumer.metric_sum("cdc_embedder_events_total", outcome="embedded")
+    rows = corpus_rows(20, skip=id_base % 50_000, id_base=id_base)
+    rows[0]["body"] += " " + FAIL_ALWAYS
+    rows[1]["body"] += " " + FAIL_TWICE
+    with psycopg.connect(settings.dsn) as conn:
+        insert_rows(conn, rows)
+    asyncio.run(produce(settings, settings.source_topic, [(b'{"id": 1}', b"\x00garbage")]))
+    wait_until(
+        lambda: (
+            consumer.metric_sum("cdc_embedder_dead_letters_total") >= dead + 2
+            and consumer.metric_sum("cdc_embedder_events_total", outcome="embedded") >= embedded + 19
+        ),
+        180,
+        "the rows to be embedded, retried and dead-lettered",
+    )

@@ -23,10 +23,9 @@ from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.retry import H_ATTEMPT, H_ERROR_CLASS, H_ORIGINAL_OFFSET, H_ORIGINAL_PARTITION, H_ORIGINAL_TOPIC
 from consumer.settings import Settings
 from consumer.stack import LocalStack
-from tests.conftest import produce
 from tests.fault.workload import Workload, read_topic
 from tests.flaky_consumer import FAIL_ALWAYS, FAIL_TWICE
-from tests.harness import flaky_consumer, wait_consistent
+from tests.harness import flaky_consumer, produce, wait_consistent
 
 pytestmark = pytest.mark.fault
 

@@ -39,9 +39,14 @@ import httpx
 import pytest
 import yaml
 
+from consumer.consumer_process import ConsumerProcess
+from consumer.settings import Settings
+from tests.harness import exercise
+
 pytestmark = pytest.mark.integration
 
 MIN_SCRAPES = 5
+OBSERVED_IDS = 9_100_000  # rows this module inserts, apart from every other test's
 STARTUP_TIMEOUT_S = 60.0
 POLL_INTERVAL_S = 0.5
 
@@ -125,10 +130,14 @@ def _wait_for(
     pytest.fail(f"timed out waiting for {what}: {reason}\n{server.log_tail()}", pytrace=False)
 
 
-def _scraped_enough(server: Prometheus) -> str:
+def _successful_scrapes(server: Prometheus) -> int:
     body = server.query(f'count_over_time(up{{job="{SCRAPE_JOB}"}}[5m]) and up{{job="{SCRAPE_JOB}"}} == 1')
     result = body.get("data", {}).get("result", [])
-    scrapes = int(float(result[0]["value"][1])) if result else 0
+    return int(float(result[0]["value"][1])) if result else 0
+
+
+def _scraped_enough(server: Prometheus) -> str:
+    scrapes = _successful_scrapes(server)
     if scrapes >= MIN_SCRAPES:
         return ""
     targets = server.get("/api/v1/targets").get("data", {}).get("activeTargets", [])
@@ -146,7 +155,9 @@ def _rules_evaluated(server: Prometheus) -> str:
 
 
 @pytest.fixture(scope="module")
-def prometheus(pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+def prometheus(
+    pipeline: ConsumerProcess, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Prometheus]:
     binary = _prometheus_binary()
     metrics_url = urlsplit(pipeline.metrics_url)
     assert metrics_url.hostname and metrics_url.port, f"unexpected metrics_url {pipeline.metrics_url!r}"
@@ -184,6 +195,16 @@ def prometheus(pipeline: Any, tmp_path_factory: pytest.TempPathFactory) -> Itera
         _wait_for("Prometheus to be ready", lambda: _ready(server), server, process)
         scrapes = f"{MIN_SCRAPES} successful scrapes of {pipeline.metrics_url}"
         _wait_for(scrapes, lambda: _scraped_enough(server), server, process)
+        # Traffic while Prometheus watches: rates and increases need samples on both sides of it, and
+        # the session's consumer may be a fresh process (the fault tests restart it) with no history.
+        exercise(pipeline, settings, OBSERVED_IDS)
+        scraped_before = _successful_scrapes(server)
+        _wait_for(
+            "scrapes after the traffic",
+            lambda: "" if _successful_scrapes(server) >= scraped_before + MIN_SCRAPES else "waiting",
+            server,
+            process,
+        )
         _wait_for("the alert rules to be evaluated", lambda: _rules_evaluated(server), server, process)
         yield server
     finally:

@@ -33,12 +33,11 @@ def vectors(db: psycopg.Connection[Any], ids: list[int]) -> dict[int, tuple[Any,
 
 
 @pytest.fixture(scope="module")
-def thousand(
-    pipeline: ConsumerProcess, db: psycopg.Connection[Any], settings: Settings
-) -> list[dict[str, Any]]:
+def thousand(pipeline: ConsumerProcess, settings: Settings) -> list[dict[str, Any]]:
     rows = corpus_rows(1000, id_base=1_000_000)
-    insert_rows(db, rows)
-    wait_consistent(db, settings, [r["id"] for r in rows], timeout_s=600)
+    with psycopg.connect(settings.dsn) as db:
+        insert_rows(db, rows)
+        wait_consistent(db, settings, [r["id"] for r in rows], timeout_s=600)
     return rows
 
 
