@@ -57,8 +57,9 @@ def _cmd_connector(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.demo import print_search
+    from consumer.embedder import SentenceTransformerEmbedder
 
-    asyncio.run(print_search(settings, args.query, args.k, say))
+    asyncio.run(print_search(settings, SentenceTransformerEmbedder(settings), args.query, args.k, say))
     return 0
 
 

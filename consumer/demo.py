@@ -17,7 +17,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
-from consumer.embedder import SentenceTransformerEmbedder
+from consumer.embedder import Embedder, SentenceTransformerEmbedder
 from consumer.schema import create_demo_source_table
 from consumer.search import search
 from consumer.settings import Settings
@@ -72,8 +72,7 @@ async def count_vectors(conn: psycopg.AsyncConnection[Any], settings: Settings) 
     return int(row[0]) if row else 0
 
 
-async def print_search(settings: Settings, query: str, k: int, say: Say) -> None:
-    embedder = await asyncio.to_thread(SentenceTransformerEmbedder, settings)
+async def print_search(settings: Settings, embedder: Embedder, query: str, k: int, say: Say) -> None:
     async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
         await register_vector_async(conn)
         hits = await search(conn, settings, embedder, query, k)
@@ -111,8 +110,9 @@ async def run_demo(settings: Settings, rows_file: Path | None, say: Say) -> int:
             say(f"demo: the consumer stopped; last lines of {log_file}:")
             say("\n".join(log_file.read_text(errors="replace").splitlines()[-15:]))
             return 1
+        embedder = await asyncio.to_thread(SentenceTransformerEmbedder, settings)
         for query in DEMO_QUERIES:
-            await print_search(settings, query, 3, say)
+            await print_search(settings, embedder, query, 3, say)
     finally:
         consumer.send_signal(signal.SIGTERM)
         await asyncio.wait_for(consumer.wait(), 60)

@@ -141,6 +141,9 @@ class SentenceTransformerEmbedder:
 
 def _load(model: str):  # type: ignore[no-untyped-def]
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # a bar per load clutters logs
 
     local = Path(model).expanduser()
     try:
