@@ -84,7 +84,7 @@ class Settings(BaseSettings):
 
     # --- Batching -------------------------------------------------------------------------------
     batch_max_events: int = Field(default=64, ge=1)
-    batch_max_wait_ms: int = Field(default=200, ge=1)
+    batch_max_wait_ms: int = Field(default=100, ge=1)
 
     # --- Retry and dead letters -----------------------------------------------------------------
     retry_max_attempts: int = Field(default=5, ge=1, description="Attempts before dead-lettering.")
