@@ -19,31 +19,10 @@ from consumer.events import (
     join_text,
     op_label,
 )
+from tests.unit.debezium_events import LSN, TS_MS, source_block
 
 ORIGIN = Origin("cdc.public.documents", 2, 417)
 TEXT_COLUMNS = ("title", "body")
-TS_MS = 1_718_000_000_123
-LSN = 24_023_128
-
-
-def source_block(lsn: Any = LSN, ts_ms: Any = TS_MS, **extra: Any) -> dict[str, Any]:
-    """The `source` block of a Debezium 2.x Postgres connector event."""
-    block = {
-        "version": "2.7.3.Final",
-        "connector": "postgresql",
-        "name": "cdc",
-        "ts_ms": ts_ms,
-        "snapshot": "false",
-        "db": "cdc",
-        "sequence": f'[null,"{lsn}"]',
-        "schema": "public",
-        "table": "documents",
-        "txId": 771,
-        "lsn": lsn,
-        "xmin": None,
-    }
-    block.update(extra)
-    return block
 
 
 def envelope(

@@ -28,6 +28,7 @@ from consumer.retry import (
 )
 from consumer.settings import Settings
 from consumer.sink import Stored, WriteBatch, text_hash
+from tests.unit.debezium_events import source_block
 
 SOURCE_TOPIC = "cdc.public.documents"
 RETRY_TOPIC = f"{SOURCE_TOPIC}.retry"
@@ -187,20 +188,7 @@ def event(
         {
             "before": before,
             "after": after,
-            "source": {
-                "version": "2.7.3.Final",
-                "connector": "postgresql",
-                "name": "cdc",
-                "ts_ms": ts_ms,
-                "snapshot": "false",
-                "db": "cdc",
-                "sequence": f'[null,"{lsn}"]',
-                "schema": "public",
-                "table": "documents",
-                "txId": 900,
-                "lsn": lsn,
-                "xmin": None,
-            },
+            "source": source_block(lsn, ts_ms, txId=900),
             "transaction": None,
             "op": op,
             "ts_ms": ts_ms,
