@@ -48,7 +48,7 @@ def machine() -> dict[str, Any]:
 
 
 def rss_bytes(pid: int) -> tuple[int, int]:
-    """(current RSS, peak RSS) of a process: psutil if installed, else /proc/<pid>/status."""
+    """(current RSS, peak RSS) of a process, from /proc/<pid>/status; zeros once it is gone."""
     fields: dict[str, int] = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -58,12 +58,6 @@ def rss_bytes(pid: int) -> tuple[int, int]:
     except (OSError, ValueError):
         pass
     current = fields.get("VmRSS", 0)
-    try:
-        import psutil  # type: ignore[import-untyped,unused-ignore]
-
-        current = int(psutil.Process(pid).memory_info().rss)
-    except Exception:  # psutil missing or the process gone
-        pass
     return current, max(fields.get("VmHWM", 0), current)
 
 

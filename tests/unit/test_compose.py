@@ -9,7 +9,6 @@ The schema is the compose-spec JSON schema that the PyPI package check-jsonschem
 from __future__ import annotations
 
 import json
-import os
 import re
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -75,14 +74,6 @@ def _env(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) for item in env)
     return {k: str(v) for k, v in env.items()}
-
-
-def _settings(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for key in [k for k in os.environ if k.startswith("CDC_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return Settings()
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, tuple[Path, bool]]:
@@ -239,16 +230,14 @@ def test_connect_resolves_the_connector_placeholders(
     assert connect["CDC_PG_PASSWORD"] == postgres["DEBEZIUM_PASSWORD"]
 
 
-def test_registration_job_sends_the_connector_file(
-    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_registration_job_sends_the_connector_file(services: dict[str, dict[str, Any]]) -> None:
     job = services["register-connector"]
     assert job["image"] == services["consumer"]["image"] and job["build"] == services["consumer"]["build"]
     command = job["command"]
     assert command[:2] == ["connector", "register"] and command[2] == "--file"
     host, read_only = _mounts(job)[command[3]]
     assert host == CONNECTOR_JSON.resolve() and read_only
-    settings = _settings(_env(job), monkeypatch)
+    settings = Settings.from_env_map(_env(job))
     assert settings.connect_rest_url == "http://connect:8083"
     # what `cdc-embedder connector register` PUTs is exactly the file's "config"
     source = json.loads(_require(CONNECTOR_JSON).read_text())
@@ -260,9 +249,7 @@ def test_registration_job_sends_the_connector_file(
 # --- the consumer -----------------------------------------------------------------------------------
 
 
-def test_consumer_settings_exist_and_load(
-    raw: dict[str, Any], services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_consumer_settings_exist_and_load(raw: dict[str, Any], services: dict[str, dict[str, Any]]) -> None:
     consumer = services["consumer"]
     assert (
         consumer["build"]["dockerfile"] == "deploy/docker/Dockerfile" and consumer["build"]["context"] == "."
@@ -274,7 +261,7 @@ def test_consumer_settings_exist_and_load(
     for name, service in services.items():
         if name not in {"consumer", "register-connector", "connect"}:
             assert not {k for k in _env(service) if k.startswith("CDC_")} - {"CDC_EMBEDDER_DB_PASSWORD"}, name
-    settings = _settings(env, monkeypatch)
+    settings = Settings.from_env_map(env)
     postgres = _env(services["postgres"])
     url = urlsplit(settings.dsn)
     assert (url.hostname, url.port, url.path) == ("postgres", 5432, "/" + postgres["POSTGRES_DB"])
@@ -298,10 +285,8 @@ def test_consumer_health_check_is_the_images(services: dict[str, dict[str, Any]]
     assert f"http://127.0.0.1:{Settings().http_port}{health.LIVENESS_PATH}" in test[-1]
 
 
-def test_consumer_gets_time_to_drain(
-    services: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    settings = _settings(_env(services["consumer"]), monkeypatch)
+def test_consumer_gets_time_to_drain(services: dict[str, dict[str, Any]]) -> None:
+    settings = Settings.from_env_map(_env(services["consumer"]))
     grace = services["consumer"]["stop_grace_period"]
     assert grace.endswith("s") and int(grace[:-1]) >= settings.shutdown_grace_s + 30
 

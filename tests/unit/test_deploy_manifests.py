@@ -109,11 +109,9 @@ def _configmap_env(docs: list[dict[str, Any]], deployment: dict[str, Any]) -> di
     return data
 
 
-def _pod_settings(
-    docs: list[dict[str, Any]], deployment: dict[str, Any], monkeypatch: pytest.MonkeyPatch
-) -> Settings:
+def _pod_settings(docs: list[dict[str, Any]], deployment: dict[str, Any]) -> Settings:
     """Settings as a pod gets them: the ConfigMap plus the Secret's keys (placeholder values)."""
-    return _settings_from({**_configmap_env(docs, deployment), **SECRET_PLACEHOLDERS}, monkeypatch)
+    return Settings.from_env_map({**_configmap_env(docs, deployment), **SECRET_PLACEHOLDERS})
 
 
 def _container(deployment: dict[str, Any]) -> dict[str, Any]:
@@ -128,14 +126,6 @@ def _quantity_bytes(value: str) -> float:
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMG]i?)?", str(value))
     assert match, f"unparsable quantity {value!r}"
     return float(match[1]) * units.get(match[2] or "", 1)
-
-
-def _settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for key in [k for k in os.environ if k.startswith("CDC_")]:
-        monkeypatch.delenv(key)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    return Settings()
 
 
 def _walk(node: Any) -> Iterator[Any]:
@@ -227,11 +217,9 @@ def test_startup_budget_covers_model_loading(rendered: list[dict[str, Any]]) -> 
     assert liveness["periodSeconds"] * liveness["failureThreshold"] <= 60, "liveness should be quick"
 
 
-def test_termination_grace_outlasts_shutdown_grace(
-    rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_termination_grace_outlasts_shutdown_grace(rendered: list[dict[str, Any]]) -> None:
     deployment = _one(rendered, "Deployment")
-    settings = _pod_settings(rendered, deployment, monkeypatch)
+    settings = _pod_settings(rendered, deployment)
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     assert grace >= settings.shutdown_grace_s + WORST_CASE_BATCH_S
 
@@ -266,9 +254,7 @@ def test_image_is_pinned(rendered: list[dict[str, Any]]) -> None:
     assert name and "/" in name and tag and tag != "latest", image
 
 
-def test_settings_come_from_configmap_and_secret_only(
-    rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_settings_come_from_configmap_and_secret_only(rendered: list[dict[str, Any]]) -> None:
     deployment = _one(rendered, "Deployment")
     container = _container(deployment)
     secrets = [s["secretRef"]["name"] for s in container["envFrom"] if "secretRef" in s]
@@ -282,7 +268,7 @@ def test_settings_come_from_configmap_and_secret_only(
     assert not unknown, f"not Settings fields: {sorted(unknown)}"
     assert not {"CDC_DATABASE_URL", "CDC_KAFKA_SASL_PASSWORD"} & set(config), "credentials in the ConfigMap"
     # The ConfigMap plus the Secret's keys make valid settings (SASL needs all three, for one).
-    settings = _pod_settings(rendered, deployment, monkeypatch)
+    settings = _pod_settings(rendered, deployment)
     assert settings.http_port == container["ports"][0]["containerPort"]
     assert settings.kafka_ssl_cafile is not None
     mounts = [m["mountPath"] for m in container["volumeMounts"]]
@@ -350,12 +336,10 @@ def test_dashboard_configmap_is_the_dashboard_file(rendered: list[dict[str, Any]
 # --- KEDA ---------------------------------------------------------------------------------------------
 
 
-def test_keda_scales_on_the_consumer_group_up_to_the_partition_count(
-    rendered: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_keda_scales_on_the_consumer_group_up_to_the_partition_count(rendered: list[dict[str, Any]]) -> None:
     deployment = _one(rendered, "Deployment")
     scaled = _one(rendered, "ScaledObject")["spec"]
-    settings = _pod_settings(rendered, deployment, monkeypatch)
+    settings = _pod_settings(rendered, deployment)
     assert scaled["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
     (trigger,) = scaled["triggers"]
     assert trigger["type"] == "kafka"

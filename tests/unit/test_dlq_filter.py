@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-
 import pytest
 
 from consumer.dlq import ReplayFilter
@@ -14,14 +11,6 @@ from consumer.retry import H_ERROR_CLASS, H_FIRST_FAILURE_MS, RetryPolicy, Retry
 from consumer.settings import Settings
 
 T = 1_718_000_000_000
-
-
-@pytest.fixture(autouse=True)
-def _no_cdc_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    for name in list(os.environ):
-        if name.upper().startswith("CDC_"):
-            monkeypatch.delenv(name)
-    yield
 
 
 def dead_letter(
