@@ -176,11 +176,3 @@ class LocalStack:
             "path": str(self.stack_dir / "jars"),
         }
         return result
-
-    def is_up(self) -> bool:
-        parts = [self.connect.is_running()]
-        if self.settings.uses_embedded_kafka:
-            parts.append(self.kafka.is_running())
-        if self.settings.uses_embedded_postgres:
-            parts.append(self.postgres.is_running())
-        return all(parts)
