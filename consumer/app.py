@@ -37,6 +37,7 @@ from consumer.sink import Sink
 
 log = get_logger("cdc_embedder.consumer")
 OBSERVE_INTERVAL_S = 2.0
+IDLE_POLL_S = 0.5  # how often an idle loop checks for shutdown
 
 
 class _Outage(Exception):
@@ -72,7 +73,11 @@ class EmbeddingConsumer:
         try:
             while not stop.is_set():
                 records = await gather_batch(
-                    self._fetch, self._s.batch_max_events, self._s.batch_max_wait_ms / 1000, stop.is_set
+                    self._fetch,
+                    self._s.batch_max_events,
+                    self._s.batch_max_wait_ms / 1000,
+                    IDLE_POLL_S,
+                    stop.is_set,
                 )
                 if records:
                     async with self._lock:

@@ -14,25 +14,29 @@ T = TypeVar("T")
 async def gather_batch(
     fetch: Callable[[int, float], Awaitable[list[T]]],
     max_events: int,
-    max_wait_s: float,
+    linger_s: float,
+    idle_s: float,
     should_stop: Callable[[], bool] = lambda: False,
     clock: Callable[[], float] = time.monotonic,
 ) -> list[T]:
-    """Fetch until `max_events` records or until `max_wait_s` after the first record arrived.
+    """Fetch until `max_events` records or until `linger_s` after the first record arrived.
 
-    ``fetch(max_records, timeout_s)`` returns what is there within the timeout. Waiting for the first
-    record is bounded by `max_wait_s` too, so the caller gets control back regularly (heartbeats,
-    shutdown, resuming paused partitions).
+    ``fetch(max_records, timeout_s)`` returns what is there within the timeout. Records that arrived
+    while the previous batch ran come back from the first fetch at once, so under load batches fill
+    without lingering, and a short linger keeps an idle pipeline's latency low. Waiting for the first
+    record is bounded by `idle_s`, so the caller gets control back regularly (shutdown, outages).
     """
     batch: list[T] = []
-    deadline = clock() + max_wait_s
+    deadline = clock() + idle_s
     while len(batch) < max_events and not should_stop():
         remaining = deadline - clock()
         if remaining <= 0:
             break
         records = await fetch(max_events - len(batch), remaining)
         if records and not batch:
-            deadline = clock() + max_wait_s
+            if linger_s <= 0:
+                return records
+            deadline = clock() + linger_s
         batch.extend(records)
     return batch
 

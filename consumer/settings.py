@@ -84,7 +84,8 @@ class Settings(BaseSettings):
 
     # --- Batching -------------------------------------------------------------------------------
     batch_max_events: int = Field(default=64, ge=1)
-    batch_max_wait_ms: int = Field(default=100, ge=1)
+    # Events that queued while the previous batch ran come at once; the linger only matters when idle.
+    batch_max_wait_ms: int = Field(default=10, ge=0, description="Linger for more after a batch's 1st event.")
 
     # --- Retry and dead letters -----------------------------------------------------------------
     retry_max_attempts: int = Field(default=5, ge=1, description="Attempts before dead-lettering.")

@@ -6,6 +6,7 @@ import gc
 import math
 import os
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any
 import psycopg
 
 from consumer.bench import model as bm
+from consumer.bench.cpus import separated, split
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
@@ -26,6 +28,8 @@ from consumer.settings import Settings
 Say = Callable[[str], None]
 # id ranges of the phases, apart from each other
 LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS = 1_000_000, 10_000_000, 20_000_000, 30_000_000
+# insert-latency phases; SEPARATE: database and pipeline on different cores (consumer.bench.cpus)
+STOPPED, RUNNING, SEPARATE = "stopped (connector paused)", "running", "separate cores, "
 # (name, dtype, token budget, torch threads); 0 threads: the settings' value
 VARIANTS = (
     ("fp32, one padded batch (before)", "float32", 0, 0),
@@ -164,36 +168,54 @@ def pipeline_phases(
     create_source_table(settings)
     register_connector(settings, progress=say)
     connector = load_connector_file()["name"]
-    latency_rows = bm.corpus_rows(args.corpus, 3 * args.latency_n, skip=40_000, id_base=LATENCY_IDS)
-    chunks = [latency_rows[i * args.latency_n : (i + 1) * args.latency_n] for i in range(3)]
+    layout = split()
+    latency_rows = bm.corpus_rows(args.corpus, 5 * args.latency_n, skip=40_000, id_base=LATENCY_IDS)
+    chunks = iter(latency_rows[i * args.latency_n : (i + 1) * args.latency_n] for i in range(5))
     latency: dict[str, Any] = {}
+    database = [pid for pid in (stack.postgres.pid(),) if pid]
+    jvms = [pid for pid in (stack.kafka.pid(), stack.connect.pid()) if pid]
     with psycopg.connect(settings.dsn) as conn:
-        say(f"insert latency, consumer stopped, connector running ({args.latency_n} rows) ...")
-        latency["stopped (connector running)"] = summary(
-            insert_latencies(conn, chunks[0], args.latency_pace_s)
-        )
+
+        def measure(label: str, pipeline: list[int] | None = None) -> None:
+            """Insert the next chunk; given the `pipeline` pids, with it on other cores than the database."""
+            placed = (
+                separated(layout, database, pipeline)
+                if pipeline is not None and layout is not None
+                else nullcontext()
+            )
+            say(f"insert latency, {label} ({args.latency_n} rows) ...")
+            rows = next(chunks)
+            with placed:
+                latency[label] = summary(insert_latencies(conn, rows, args.latency_pace_s))
+
+        measure("stopped (connector running)")
         set_connector_paused(settings, connector, True)
-        say("insert latency, consumer stopped, connector paused ...")
-        latency["stopped (connector paused)"] = summary(
-            insert_latencies(conn, chunks[1], args.latency_pace_s)
-        )
+        measure(STOPPED)
+        if layout:
+            measure(SEPARATE + STOPPED, jvms)
         set_connector_paused(settings, connector, False)
         consumer = ConsumerProcess(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
         sampler = RssSampler(consumer.pid, 10.0 if args.soak_minutes > 0 else 1.0).start()
         try:
             consumer.wait_ready()
             say(f"consumer ready (pid {consumer.pid}); warm-up ...")
-            n = wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 2 * args.latency_n, 300, say)
+            n = wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 3 * args.latency_n, 300, say)
             say(f"  caught up: {n} rows from the stopped phases embedded")
-            say("insert latency, pipeline running ...")
-            latency["running"] = summary(insert_latencies(conn, chunks[2], args.latency_pace_s))
-            wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 3 * args.latency_n, 300, say)
-            stopped = latency["stopped (connector paused)"]
-            latency["p50_ratio"] = latency["running"]["p50"] / stopped["p50"]
-            latency["p99_ratio"] = latency["running"]["p99"] / stopped["p99"]
+            measure(RUNNING)
+            if layout:
+                measure(SEPARATE + RUNNING, [*jvms, consumer.pid])
+            wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 5 * args.latency_n, 300, say)
+            for prefix, key in (("", ""), (SEPARATE, "separate_")):
+                if prefix + RUNNING in latency:
+                    running, stopped = latency[prefix + RUNNING], latency[prefix + STOPPED]
+                    latency[f"{key}p50_ratio"] = running["p50"] / stopped["p50"]
+                    latency[f"{key}p99_ratio"] = running["p99"] / stopped["p99"]
+                    say(
+                        f"  {prefix or 'co-located, '}p50/p99 ms: running {running['p50']:.2f}/"
+                        f"{running['p99']:.2f}, stopped {stopped['p50']:.2f}/{stopped['p99']:.2f}"
+                    )
+            latency["layout"] = layout.describe() if layout else "one CPU: no separated measurement"
             result["insert_latency"] = latency
-            say(f"  p50/p99 ms: running {latency['running']['p50']:.2f}/{latency['running']['p99']:.2f}, "
-                f"stopped {stopped['p50']:.2f}/{stopped['p99']:.2f}")  # fmt: skip
             n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)
             say(f"end to end: COPY {n_bulk} rows, waiting for the last vector ...")
             bulk = bulk_throughput(conn, settings, bm.corpus_rows(args.corpus, n_bulk, id_base=BULK_IDS), say)

@@ -53,14 +53,14 @@ def fetcher(clock: FakeClock, *steps: Step) -> FakeFetch:
 
 async def test_gathers_by_count(clock: FakeClock) -> None:
     fetch = fetcher(clock, Step(["a", "b", "c"], 0.01), Step(["d", "e", "f"], 0.01), Step(["g"], 0.01))
-    batch = await gather_batch(fetch, max_events=7, max_wait_s=0.2, clock=clock)
+    batch = await gather_batch(fetch, max_events=7, linger_s=0.2, idle_s=1.0, clock=clock)
     assert batch == ["a", "b", "c", "d", "e", "f", "g"]
     assert [n for n, _ in fetch.calls] == [7, 4, 1]
 
 
 async def test_full_first_fetch_returns_at_once(clock: FakeClock) -> None:
     fetch = fetcher(clock, Step(["a", "b"], 0.0))
-    assert await gather_batch(fetch, max_events=2, max_wait_s=5.0, clock=clock) == ["a", "b"]
+    assert await gather_batch(fetch, max_events=2, linger_s=5.0, idle_s=5.0, clock=clock) == ["a", "b"]
     assert len(fetch.calls) == 1
 
 
@@ -68,21 +68,27 @@ async def test_gathers_by_time_counted_from_the_first_record(clock: FakeClock) -
     start = clock.now
     fetch = fetcher(
         clock,
-        Step(["a"], 0.05),  # first record after 50 ms: the 200 ms window starts now
+        Step(["a"], 0.05),  # first record after 50 ms: the 200 ms linger starts now
         Step(["b"], 0.1),
         Step(["c"], 0.1),  # exactly at the deadline
         Step(["late"], 0.0),
     )
-    batch = await gather_batch(fetch, max_events=100, max_wait_s=0.2, clock=clock)
+    batch = await gather_batch(fetch, max_events=100, linger_s=0.2, idle_s=1.0, clock=clock)
     assert batch == ["a", "b", "c"]
-    assert [t for _, t in fetch.calls] == pytest.approx([0.2, 0.2, 0.1])
+    assert [t for _, t in fetch.calls] == pytest.approx([1.0, 0.2, 0.1])
     assert clock.now - start == pytest.approx(0.25)
+
+
+async def test_without_linger_the_first_fetch_is_the_batch(clock: FakeClock) -> None:
+    fetch = fetcher(clock, Step(["a", "b"], 0.3), Step(["c"], 0.0))
+    assert await gather_batch(fetch, max_events=10, linger_s=0.0, idle_s=1.0, clock=clock) == ["a", "b"]
+    assert fetch.calls == [(10, 1.0)]
 
 
 async def test_nothing_arrives_returns_empty_after_max_wait(clock: FakeClock) -> None:
     start = clock.now
     fetch = fetcher(clock)
-    assert await gather_batch(fetch, max_events=10, max_wait_s=0.5, clock=clock) == []
+    assert await gather_batch(fetch, max_events=10, linger_s=0.01, idle_s=0.5, clock=clock) == []
     [(max_records, timeout_s)] = fetch.calls
     assert max_records == 10
     assert timeout_s == pytest.approx(0.5)
@@ -91,20 +97,20 @@ async def test_nothing_arrives_returns_empty_after_max_wait(clock: FakeClock) ->
 
 async def test_early_empty_fetches_use_the_remaining_time(clock: FakeClock) -> None:
     fetch = fetcher(clock, *[Step([], 0.25)] * 4)  # binary-exact steps: no float residue at the end
-    assert await gather_batch(fetch, max_events=10, max_wait_s=1.0, clock=clock) == []
+    assert await gather_batch(fetch, max_events=10, linger_s=0.01, idle_s=1.0, clock=clock) == []
     assert [t for _, t in fetch.calls] == [1.0, 0.75, 0.5, 0.25]
 
 
 async def test_should_stop_before_fetching(clock: FakeClock) -> None:
     fetch = fetcher(clock, Step(["a"], 0.0))
-    assert await gather_batch(fetch, 10, 0.2, should_stop=lambda: True, clock=clock) == []
+    assert await gather_batch(fetch, 10, 0.2, 1.0, should_stop=lambda: True, clock=clock) == []
     assert fetch.calls == []
 
 
 async def test_should_stop_between_fetches_keeps_what_was_fetched(clock: FakeClock) -> None:
     fetch = fetcher(clock, Step(["a"], 0.01), Step(["b"], 0.01))
     stop_after_one: Callable[[], bool] = lambda: len(fetch.calls) >= 1  # noqa: E731
-    assert await gather_batch(fetch, 10, 0.2, should_stop=stop_after_one, clock=clock) == ["a"]
+    assert await gather_batch(fetch, 10, 0.2, 1.0, should_stop=stop_after_one, clock=clock) == ["a"]
     assert len(fetch.calls) == 1
 
 
