@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,12 @@ def resolve_dtype(setting: str) -> str:
     return setting
 
 
+# Every distinct input shape makes oneDNN build and keep kernels and scratch buffers: with one shape per
+# text length RSS grew ~400 MB per 1,600 texts in bf16 and never levelled off. Padding each group to a
+# multiple of 32 tokens leaves ~16 lengths per group size, RSS flat after warm-up, at the same speed.
+PAD_TO_MULTIPLE_OF = 32
+
+
 # Texts are sorted by length and cut into groups of at most CDC_EMBED_TOKEN_BUDGET padded tokens, so a
 # short text is not padded to the longest one of its micro-batch: with the Debian corpus (mean ~90
 # tokens, tail to 512) that is most of the work of a 64-text batch.
@@ -99,6 +106,8 @@ class SentenceTransformerEmbedder:
         self._model = _load(settings.model)
         self._model.max_seq_length = min(settings.max_seq_length, self._model.max_seq_length or 512)
         self._window = int(self._model.max_seq_length)
+        # the tokenizer refuses a padding multiple that does not divide the window
+        self._pad_multiple = math.gcd(PAD_TO_MULTIPLE_OF, self._window)
         self._tokenizer = self._model.tokenizer
         self.dtype = resolve_dtype(settings.embed_dtype)
         self._dtype = torch.bfloat16 if self.dtype == "bfloat16" else None
@@ -142,6 +151,7 @@ class SentenceTransformerEmbedder:
                     normalize_embeddings=True,
                     convert_to_numpy=True,
                     show_progress_bar=False,
+                    processing_kwargs={"text": {"pad_to_multiple_of": self._pad_multiple}},
                 )
         return Embedding(vectors, sum(tokens), truncated)
 
