@@ -120,10 +120,7 @@ class SentenceTransformerEmbedder:
                     module.to(self._dtype)
         self._batch_size = settings.batch_max_events
         self._token_budget = settings.embed_token_budget
-        dimension = getattr(self._model, "get_embedding_dimension", None) or (
-            self._model.get_sentence_embedding_dimension
-        )
-        dimension = dimension()
+        dimension = self._model.get_embedding_dimension()
         if not dimension:
             raise ModelLoadError(f"model {settings.model!r} does not report its embedding dimension")
         self.dimension = int(dimension)
