@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variant-n", type=int, default=200, help="texts per raw-model variant and round")
     bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the variants (best kept)")
     bench.add_argument("--freshness-s", type=float, default=120.0, help="steady-load duration")
-    bench.add_argument("--latency-n", type=int, default=200, help="single-row inserts per latency phase")
+    bench.add_argument("--latency-n", type=int, default=500, help="single-row inserts per latency phase")
     bench.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="steady load this long")
     bench.add_argument("--out", type=Path, default=Path("bench-results"), help="reports go to OUT/<time>/")
     bench.add_argument("--keep-stack", action="store_true", help="leave the bench stack (.stack-bench) up")
