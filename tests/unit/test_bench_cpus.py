@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -19,7 +20,7 @@ def affinity_of_threads(pid: int) -> set[frozenset[int]]:
 
 
 @pytest.fixture
-def child() -> subprocess.Popen[bytes]:
+def child() -> Iterator[subprocess.Popen[bytes]]:
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     yield proc
     proc.kill()
