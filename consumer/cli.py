@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 from datetime import datetime
 from pathlib import Path
 
@@ -84,17 +85,9 @@ def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.bench.runner import BenchArgs, run_bench
 
-    bench = BenchArgs(
-        n=args.n,
-        variant_n=args.variant_n,
-        rounds=args.rounds,
-        freshness_s=args.freshness_s,
-        latency_n=args.latency_n,
-        soak_minutes=args.soak or 0.0,
-        out=args.out,
-        keep_stack=args.keep_stack,
-    )
-    return run_bench(bench, say)
+    # Options left out keep BenchArgs' defaults, the one place they are written.
+    given = {f.name: getattr(args, f.name) for f in fields(BenchArgs) if hasattr(args, f.name)}
+    return run_bench(BenchArgs(**given), say)
 
 
 def _ms(value: str | None) -> int | None:
@@ -122,14 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--until", default=None, help="first failed at or before (ISO 8601)")
     demo = commands.add_parser("demo", help="stack up, connector, sample rows, consumer, then a search")
     demo.add_argument("--file", type=Path, default=None, help="JSONL of {id, title, body} rows to load")
-    bench = commands.add_parser("bench", help="measure model, hardware bound and pipeline; write a report")
-    bench.add_argument("--n", type=int, default=2000, help="texts for the raw model and the bulk insert")
-    bench.add_argument("--variant-n", type=int, default=200, help="texts per raw-model variant and round")
-    bench.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the variants (best kept)")
-    bench.add_argument("--freshness-s", type=float, default=120.0, help="steady-load duration")
-    bench.add_argument("--latency-n", type=int, default=500, help="single-row inserts per latency phase")
-    bench.add_argument("--soak", type=float, default=None, metavar="MINUTES", help="steady load this long")
-    bench.add_argument("--out", type=Path, default=Path("bench-results"), help="reports go to OUT/<time>/")
+    bench = commands.add_parser(
+        "bench",
+        help="measure model, hardware bound and pipeline; write a report",
+        argument_default=argparse.SUPPRESS,  # defaults live in consumer.bench.runner.BenchArgs
+    )
+    bench.add_argument("--n", type=int, help="texts for the raw model and the bulk insert")
+    bench.add_argument("--variant-n", type=int, help="texts per raw-model variant and round")
+    bench.add_argument("--rounds", type=int, help="interleaved rounds of the variants (best kept)")
+    bench.add_argument("--freshness-s", type=float, help="steady-load duration")
+    bench.add_argument("--latency-n", type=int, help="single-row inserts per latency phase")
+    bench.add_argument("--soak", dest="soak_minutes", type=float, metavar="MINUTES", help="steady load")
+    bench.add_argument("--out", type=Path, help="reports go to OUT/<time>/")
     bench.add_argument("--keep-stack", action="store_true", help="leave the bench stack (.stack-bench) up")
     return parser
 

@@ -45,6 +45,7 @@ def test_bf16_vectors_match_fp32_on_corpus_texts() -> None:
     }
     fp32, bf16 = vectors["float32"], vectors["bfloat16"]
     assert bf16.dtype == np.float32 and bf16.shape == fp32.shape
+    assert not np.array_equal(fp32, bf16)  # bf16 was really computed, not fp32 under another name
     assert float((fp32 * bf16).sum(axis=1).min()) >= 0.99
     queries = slice(0, 10)  # each of the first texts as a query against all the others
     nearest = [np.argsort(-(v[queries] @ v.T), axis=1, kind="stable")[:, 1] for v in (fp32, bf16)]

@@ -196,3 +196,27 @@ def test_main_interrupted_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
 )
 def test_replay_time_bounds(value: str | None, ms: int | None) -> None:
     assert cli._ms(value) == ms
+
+
+@pytest.mark.parametrize(
+    ("argv", "changed"),
+    [
+        (["bench"], {}),
+        (["bench", "--soak", "30"], {"soak_minutes": 30.0}),
+        (
+            ["bench", "--n", "50", "--latency-n", "7", "--keep-stack", "--out", "r"],
+            {"n": 50, "latency_n": 7, "keep_stack": True, "out": Path("r")},
+        ),
+    ],
+)
+def test_bench_options_reach_bench_args_and_the_rest_keep_its_defaults(
+    monkeypatch: pytest.MonkeyPatch, argv: list[str], changed: dict[str, object]
+) -> None:
+    from dataclasses import replace
+
+    from consumer.bench import runner
+
+    seen: list[runner.BenchArgs] = []
+    monkeypatch.setattr(runner, "run_bench", lambda bench, _say: seen.append(bench) or 0)
+    assert cli.main(argv) == 0
+    assert seen == [replace(runner.BenchArgs(), **changed)]
