@@ -61,11 +61,28 @@ class BatchReport:
     failures: list[tuple[Failure, Route]] = field(default_factory=list)
 
 
+WRITTEN = frozenset({"embedded", "unchanged", "deleted"})  # outcomes whose write is a freshness sample
+
+
 @dataclass(slots=True)
 class _Decoded:
     change: Change
     record: Record
     state: RetryState
+
+
+@dataclass(slots=True)
+class Prepared:
+    """A batch decided and embedded but not written: what `BatchProcessor.apply` writes and counts.
+
+    Outcomes are counted only by `apply`, so a batch that is prepared again after a failed write is
+    not counted twice.
+    """
+
+    report: BatchReport
+    batch: WriteBatch = field(default_factory=WriteBatch)
+    outcomes: list[tuple[_Decoded, str]] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
 
 
 class BatchProcessor:
@@ -86,14 +103,18 @@ class BatchProcessor:
 
     async def process(self, records: Sequence[Record]) -> BatchReport:
         """Apply the batch. Raises only when the database or broker is unreachable (nothing committed)."""
+        return await self.apply(await self.prepare(records))
+
+    async def prepare(self, records: Sequence[Record]) -> Prepared:
+        """Decide every record and embed what needs it; nothing is written or published yet."""
         report = BatchReport()
-        failures: list[Failure] = []
-        decoded = self._decode(records, failures)
+        prepared = Prepared(report)
+        decoded = self._decode(records, prepared.failures)
         live = [d for d in decoded if d.change.op is not Op.TOMBSTONE]
-        self._count(report, [d for d in decoded if d.change.op is Op.TOMBSTONE], "ignored")
+        prepared.outcomes += [(d, "ignored") for d in decoded if d.change.op is Op.TOMBSTONE]
         winners, losers = collapse(d.change for d in live)
         by_change = {id(d.change): d for d in live}
-        self._count(report, [by_change[id(c)] for c in losers], "superseded")
+        prepared.outcomes += [(by_change[id(c)], "superseded") for c in losers]
 
         started = time.perf_counter()
         stored = await self._sink.stored(list(winners))
@@ -101,30 +122,29 @@ class BatchProcessor:
         current = await self._sink.source_texts(lookups)
         report.db_s += time.perf_counter() - started
 
-        batch = WriteBatch()
+        batch = prepared.batch
         to_embed: list[tuple[_Decoded, str, bytes]] = []
-        written: list[tuple[_Decoded, str]] = []
         for key, change in winners.items():
             item = by_change[id(change)]
             previous = stored.get(key)
             if _older(change, previous):
-                self._count(report, [item], "superseded")
+                prepared.outcomes.append((item, "superseded"))
                 continue
             if change.is_delete:
                 batch.deletes.append((key, change.position, change.source_ts_ms))
-                written.append((item, "deleted"))
+                prepared.outcomes.append((item, "deleted"))
                 continue
             text = change.text if change.text is not None else current.get(key)
             if text is None:  # the row is gone; its delete event follows
-                self._count(report, [item], "superseded")
+                prepared.outcomes.append((item, "superseded"))
                 continue
             if isinstance(text, EventError):
-                failures.append(self._failure(item.record, item.state, text.error_class, str(text)))
+                prepared.failures.append(self._failure(item.record, item.state, text.error_class, str(text)))
                 continue
             digest = text_hash(self._embedder.name, text)
             if previous is not None and not previous.deleted and previous.text_sha256 == digest:
                 batch.touches.append((key, change.position, change.source_ts_ms))
-                written.append((item, "unchanged"))
+                prepared.outcomes.append((item, "unchanged"))
             else:
                 to_embed.append((item, text, digest))
 
@@ -133,21 +153,25 @@ class BatchProcessor:
             for index, (item, _, digest) in enumerate(to_embed):
                 vector = vectors[index]
                 if vector is None:
-                    failures.append(self._failure(item.record, item.state, *errors[index]))
+                    prepared.failures.append(self._failure(item.record, item.state, *errors[index]))
                     continue
                 change = item.change
                 batch.upserts.append((change.key, vector, digest, change.position, change.source_ts_ms))
-                written.append((item, "embedded"))
+                prepared.outcomes.append((item, "embedded"))
+        return prepared
 
+    async def apply(self, prepared: Prepared) -> BatchReport:
+        """Write a prepared batch, count its outcomes, route its failures. Raises like `process`."""
+        report = prepared.report
         started = time.perf_counter()
-        report.written_rows = await self._sink.write(batch)
+        report.written_rows = await self._sink.write(prepared.batch)
         report.db_s += time.perf_counter() - started
         committed_at = time.time()
-        for item, outcome in written:
+        for item, outcome in prepared.outcomes:
             self._count(report, [item], outcome)
-            if item.change.source_ts_ms is not None:
+            if outcome in WRITTEN and item.change.source_ts_ms is not None:
                 metrics.END_TO_END_SECONDS.observe(max(committed_at - item.change.source_ts_ms / 1000, 0.0))
-        await self._route(failures, report)
+        await self._route(prepared.failures, report)
         return report
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:

@@ -100,7 +100,8 @@ def render_markdown(result: dict[str, Any]) -> str:
             [[k, v["n"], v["p50"], v["p95"], v["p99"]] for k, v in latency.items() if isinstance(v, dict)],
         )
         lines += [f"- {key.replace('_', ' ')}: {_fmt(latency[key])}"
-                  for key in ("p50_ratio", "p99_ratio", "separate_p50_ratio", "separate_p99_ratio", "layout")
+                  for key in ("p50_ratio", "p99_ratio", "separate_p50_ratio", "separate_p99_ratio", "rounds",
+                              "layout")
                   if key in latency] + [""]  # fmt: skip
     memory = result.get("memory")
     if memory:

@@ -6,7 +6,6 @@ import gc
 import math
 import os
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -15,11 +14,12 @@ from typing import Any
 import psycopg
 
 from consumer.bench import model as bm
-from consumer.bench.cpus import separated, split
+from consumer.bench.cpus import split
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
+from consumer.bench.insert_cost import alternating
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
-from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets, set_connector_paused
+from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
 from consumer.bench.report import targets, write_report
 from consumer.consumer_process import ConsumerProcess
 from consumer.embedder import SentenceTransformerEmbedder
@@ -28,8 +28,6 @@ from consumer.settings import Settings
 Say = Callable[[str], None]
 # id ranges of the phases, apart from each other
 LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS = 1_000_000, 10_000_000, 20_000_000, 30_000_000
-# insert-latency phases; SEPARATE: database and pipeline on different cores (consumer.bench.cpus)
-STOPPED, RUNNING, SEPARATE = "stopped (connector paused)", "running", "separate cores, "
 # (name, dtype, token budget, torch threads); 0 threads: the settings' value
 VARIANTS = (
     ("fp32, one padded batch (before)", "float32", 0, 0),
@@ -48,8 +46,9 @@ class BenchArgs:
     variant_n: int = 200
     rounds: int = 3
     freshness_s: float = 120.0
-    latency_n: int = 500  # a p99 from 200 samples is its 2nd-largest value: one outlier moved it 50%
+    latency_n: int = 500  # per condition; a p99 from 200 samples is its 2nd-largest: one outlier moved it 50%
     latency_pace_s: float = 0.1
+    latency_rounds: int = 5
     soak_minutes: float = 0.0
     out: Path = Path("bench-results")
     corpus: Path = bm.CORPUS
@@ -201,51 +200,28 @@ def pipeline_phases(
     register_connector(settings, progress=say)
     connector = load_connector_file()["name"]
     layout = split()
-    latency_rows = bm.corpus_rows(args.corpus, 5 * args.latency_n, skip=40_000, id_base=LATENCY_IDS)
-    chunks = iter(latency_rows[i * args.latency_n : (i + 1) * args.latency_n] for i in range(5))
-    latency: dict[str, Any] = {}
+    conditions = 4 if layout else 2
+    latency_rows = bm.corpus_rows(
+        args.corpus, (1 + conditions) * args.latency_n, skip=40_000, id_base=LATENCY_IDS
+    )
     database = [pid for pid in (stack.postgres.pid(),) if pid]
     jvms = [pid for pid in (stack.kafka.pid(), stack.connect.pid()) if pid]
     with psycopg.connect(settings.dsn) as conn:
-
-        def measure(label: str, pipeline: list[int] | None = None) -> None:
-            """Insert the next chunk; given the `pipeline` pids, with it on other cores than the database."""
-            placed = (
-                separated(layout, database, pipeline)
-                if pipeline is not None and layout is not None
-                else nullcontext()
-            )
-            say(f"insert latency, {label} ({args.latency_n} rows) ...")
-            rows = next(chunks)
-            with placed:
-                latency[label] = summary(insert_latencies(conn, rows, args.latency_pace_s))
-
-        measure("stopped (connector running)")
-        set_connector_paused(settings, connector, True)
-        measure(STOPPED)
-        if layout:
-            measure(SEPARATE + STOPPED, jvms)
-        set_connector_paused(settings, connector, False)
+        say(f"insert latency, connector running, no consumer ({args.latency_n} rows) ...")
+        capture_only = summary(insert_latencies(conn, latency_rows[: args.latency_n], args.latency_pace_s))
         consumer = ConsumerProcess(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
         sampler = RssSampler(consumer.pid, 10.0 if args.soak_minutes > 0 else 1.0).start()
         try:
             consumer.wait_ready()
             say(f"consumer ready (pid {consumer.pid}); warm-up ...")
-            n = wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 3 * args.latency_n, 300, say)
-            say(f"  caught up: {n} rows from the stopped phases embedded")
-            measure(RUNNING)
-            if layout:
-                measure(SEPARATE + RUNNING, [*jvms, consumer.pid])
-            wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + 5 * args.latency_n, 300, say)
-            for prefix, key in (("", ""), (SEPARATE, "separate_")):
-                if prefix + RUNNING in latency:
-                    running, stopped = latency[prefix + RUNNING], latency[prefix + STOPPED]
-                    latency[f"{key}p50_ratio"] = running["p50"] / stopped["p50"]
-                    latency[f"{key}p99_ratio"] = running["p99"] / stopped["p99"]
-                    say(
-                        f"  {prefix or 'co-located, '}p50/p99 ms: running {running['p50']:.2f}/"
-                        f"{running['p99']:.2f}, stopped {stopped['p50']:.2f}/{stopped['p99']:.2f}"
-                    )
+            n = wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + args.latency_n, 300, say)
+            say(f"  caught up: {n} rows of the capture-only phase embedded")
+            placement = (layout, database, [*jvms, consumer.pid]) if layout else None
+            latency = alternating(
+                conn, settings, connector, latency_rows[args.latency_n :], args.latency_rounds,
+                args.latency_pace_s, placement, say,
+            )  # fmt: skip
+            latency["connector running, no consumer"] = capture_only
             latency["layout"] = layout.describe() if layout else "one CPU: no separated measurement"
             result["insert_latency"] = latency
             n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)

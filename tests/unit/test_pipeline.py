@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import replace
 
 import numpy as np
 import orjson
@@ -13,8 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from consumer.embedder import Embedding
-from consumer.errors import ErrorClass, EventError
-from consumer.events import UNAVAILABLE_PLACEHOLDER, Key, join_text
+from consumer.errors import ErrorClass
+from consumer.events import UNAVAILABLE_PLACEHOLDER, Key
 from consumer.pipeline import BatchProcessor, BatchReport
 from consumer.retry import (
     H_ATTEMPT,
@@ -27,204 +25,24 @@ from consumer.retry import (
     Headers,
 )
 from consumer.settings import Settings
-from consumer.sink import Stored, WriteBatch, text_hash
-from tests.unit.debezium_events import source_block
-
-SOURCE_TOPIC = "cdc.public.documents"
-RETRY_TOPIC = f"{SOURCE_TOPIC}.retry"
-DLQ_TOPIC = f"{SOURCE_TOPIC}.dlq"
-MODEL = "fake-model"
-MAX_ATTEMPTS = 3
-TEXT_COLUMNS = ("title", "body")
-
-
-# --- fakes -----------------------------------------------------------------------------------------
-
-
-def unit_vector(text: str) -> np.ndarray[Any, np.dtype[np.float32]]:
-    """Deterministic, L2-normalised, dimension 4."""
-    raw = np.frombuffer(hashlib.sha256(text.encode()).digest()[:16], dtype=np.uint32).astype(np.float64)
-    vector = raw - raw.mean() + 1.0
-    unit: np.ndarray[Any, np.dtype[np.float32]] = (vector / np.linalg.norm(vector)).astype(np.float32)
-    return unit
-
-
-class FakeEmbedder:
-    name = MODEL
-    dimension = 4
-
-    def __init__(self, fail_texts: Sequence[str] = (), fail_first_calls: int = 0) -> None:
-        self.fail_texts = set(fail_texts)  # these always fail (ValueError: model_error, transient)
-        self.fail_first_calls = fail_first_calls  # the first N calls fail whatever they get
-        self.calls: list[list[str]] = []
-
-    @property
-    def texts_seen(self) -> list[str]:
-        return [t for call in self.calls for t in call]
-
-    def embed(self, texts: Sequence[str]) -> Embedding:
-        self.calls.append(list(texts))
-        if self.fail_first_calls > 0:
-            self.fail_first_calls -= 1
-            raise RuntimeError("CUDA-less hiccup")
-        for text in texts:
-            if text in self.fail_texts:
-                raise ValueError(f"cannot embed {text!r}")
-        vectors = np.stack([unit_vector(t) for t in texts]) if texts else np.zeros((0, 4), np.float32)
-        return Embedding(vectors, tokens=sum(len(t.split()) for t in texts), truncated=0)
-
-
-@dataclass
-class Row:
-    vector: np.ndarray[Any, Any] | None
-    text_sha256: bytes | None
-    position: int
-    deleted: bool
-
-
-@dataclass
-class FakeSink:
-    """The vector table in memory, with the SQL's rule: a write lands only on a newer position."""
-
-    rows: dict[Key, Row] = field(default_factory=dict)
-    source_rows: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the source table
-    stored_calls: list[list[Key]] = field(default_factory=list)
-    text_calls: list[list[Key]] = field(default_factory=list)
-    writes: list[WriteBatch] = field(default_factory=list)
-
-    async def stored(self, keys: Sequence[Key]) -> dict[Key, Stored]:
-        self.stored_calls.append(list(keys))
-        return {k: Stored(r.text_sha256, r.position, r.deleted) for k in keys if (r := self.rows.get(k))}
-
-    async def source_texts(self, keys: Sequence[Key]) -> dict[Key, str | EventError]:
-        self.text_calls.append(list(keys))
-        found: dict[Key, str | EventError] = {}
-        for key in keys:
-            if key in self.source_rows:
-                try:
-                    found[key] = join_text(self.source_rows[key], TEXT_COLUMNS) or ""
-                except EventError as exc:
-                    found[key] = exc
-        return found
-
-    async def write(self, batch: WriteBatch) -> int:
-        keys = (
-            [k for k, *_ in batch.upserts] + [k for k, *_ in batch.deletes] + [k for k, *_ in batch.touches]
-        )
-        assert len(keys) == len(set(keys)), "a key appears twice in one WriteBatch"
-        self.writes.append(batch)
-        changed = 0
-        for key, position, _ in batch.touches:
-            row = self.rows.get(key)
-            if row is not None and position > row.position:
-                row.position = position
-                changed += 1
-        for key, vector, digest, position, _ in batch.upserts:
-            assert vector.shape == (4,)
-            changed += self._put(key, Row(vector, digest, position, False))
-        for key, position, _ in batch.deletes:
-            changed += self._put(key, Row(None, None, position, True))
-        return changed
-
-    def _put(self, key: Key, row: Row) -> int:
-        current = self.rows.get(key)
-        if current is not None and row.position <= current.position:
-            return 0
-        self.rows[key] = row
-        return 1
-
-    async def ping(self) -> None:
-        return None
-
-    def snapshot(self) -> dict[Key, tuple[bytes | None, int, bool, bytes | None]]:
-        return {
-            k: (r.text_sha256, r.position, r.deleted, None if r.vector is None else r.vector.tobytes())
-            for k, r in self.rows.items()
-        }
-
-
-@dataclass(frozen=True)
-class Published:
-    topic: str
-    key: bytes | None
-    value: bytes | None
-    headers: Headers
-
-    @property
-    def header(self) -> dict[str, bytes]:
-        return dict(self.headers)
-
-
-@dataclass
-class FakePublisher:
-    sent: list[Published] = field(default_factory=list)
-
-    async def publish(self, topic: str, key: bytes | None, value: bytes | None, headers: Headers) -> None:
-        self.sent.append(Published(topic, key, value, list(headers)))
-
-    def to(self, topic: str) -> list[Published]:
-        return [p for p in self.sent if p.topic == topic]
-
-
-@dataclass(frozen=True)
-class FakeRecord:
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    value: bytes | None
-    headers: Sequence[tuple[str, bytes]] = ()
-
-
-# --- building records -----------------------------------------------------------------------------
-
-
-def event(
-    op: str, key: Key, lsn: int, title: Any = None, body: Any = None, ts_ms: int | None = None
-) -> bytes:
-    after = None if op == "d" else {"id": key, "title": title, "body": body}
-    before = {"id": key, "title": None, "body": None} if op == "d" else None
-    return orjson.dumps(
-        {
-            "before": before,
-            "after": after,
-            "source": source_block(lsn, ts_ms, txId=900),
-            "transaction": None,
-            "op": op,
-            "ts_ms": ts_ms,
-        }
-    )
-
-
-class Topic:
-    """Hands out increasing offsets, like a partition of the source topic."""
-
-    def __init__(self, name: str = SOURCE_TOPIC, partition: int = 0) -> None:
-        self.name, self.partition, self.next_offset = name, partition, 0
-
-    def record(
-        self, key: Key | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
-    ) -> FakeRecord:
-        raw_key = None if key is None else orjson.dumps({"id": key})
-        offset, self.next_offset = self.next_offset, self.next_offset + 1
-        return FakeRecord(self.name, self.partition, offset, raw_key, value, tuple(headers))
-
-    def create(self, key: Key, lsn: int, title: str, body: str = "body") -> FakeRecord:
-        return self.record(key, event("c", key, lsn, title, body))
-
-    def update(self, key: Key, lsn: int, title: str, body: str = "body") -> FakeRecord:
-        return self.record(key, event("u", key, lsn, title, body))
-
-    def delete(self, key: Key, lsn: int) -> FakeRecord:
-        return self.record(key, event("d", key, lsn))
-
-    def tombstone(self, key: Key) -> FakeRecord:
-        return self.record(key, None)
-
-
-def text_of(title: str, body: str = "body") -> str:
-    return f"{title}\n\n{body}"
-
+from consumer.sink import WriteBatch, text_hash
+from tests.unit.fakes import (
+    DLQ_TOPIC,
+    MAX_ATTEMPTS,
+    MODEL,
+    RETRY_TOPIC,
+    SOURCE_TOPIC,
+    FakeEmbedder,
+    FakePublisher,
+    FakeRecord,
+    FakeSink,
+    Published,
+    Row,
+    Topic,
+    event,
+    text_of,
+    unit_vector,
+)
 
 # --- fixtures -------------------------------------------------------------------------------------
 
