@@ -16,8 +16,7 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
@@ -31,7 +30,7 @@ from consumer.events import Origin
 from consumer.health import HealthState
 from consumer.kafka import partition_lag
 from consumer.logs import get_logger
-from consumer.pipeline import BatchProcessor, BatchReport, Prepared, Record
+from consumer.pipeline import BatchProcessor, BatchReport, Record
 from consumer.retry import RetryState, now_ms
 from consumer.settings import Settings
 from consumer.sink import Sink
@@ -61,9 +60,7 @@ class EmbeddingConsumer:
         self._processor = processor
         self._sink = sink
         self._health = health
-        self._lock = asyncio.Lock()  # held while a batch is prepared; revocation waits for it
-        self._pending: asyncio.Task[None] | None = None  # the previous batch's write and commit
-        self._pending_keys: set[bytes | None] = set()
+        self._lock = asyncio.Lock()  # held while a batch is applied; revocation waits for it
         self._backoff_paused: dict[TopicPartition, asyncio.TimerHandle] = {}
         self._in_outage = False
         self._last_record_ms: dict[TopicPartition, int] = {}
@@ -84,12 +81,8 @@ class EmbeddingConsumer:
                 )
                 if records:
                     async with self._lock:
-                        await self._overlapped(self._due(records))
-            await self.settle()  # the last batch commits before a clean stop
+                        await self._apply(self._due(records))
         finally:
-            if self._pending is not None:  # only on cancellation: abandon it uncommitted
-                self._pending.cancel()
-                await asyncio.gather(self._pending, return_exceptions=True)
             self._stopping = True
             observer.cancel()
             for handle in self._backoff_paused.values():
@@ -135,68 +128,28 @@ class EmbeddingConsumer:
             self._kafka.resume(tp)
         self._update_paused()
 
-    async def _overlapped(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Embed this batch while the previous one is written and committed in the background.
-
-        A batch that shares a key with the one still being written waits for it first: its lookups must
-        see that write, or a text changed there and changed back here would keep the stale vector. On any
-        error the batch goes the serial way, which holds it through outages and isolates poison.
-        """
+    async def _apply(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
         if not records:
             return
         started = time.perf_counter()
-        keys = {record.key for record in records}
-        if keys & self._pending_keys:
-            await self.settle()
-        try:
-            prepared = await self._processor.prepare(records)
-        except Exception:
-            await self.settle()
-            await self._apply(records, started)
-            return
-        await self.settle()
-        self._pending = asyncio.create_task(self._commit(records, prepared, started), name="commit")
-        self._pending_keys = keys
-
-    def _busy(self) -> bool:
-        return self._lock.locked() or (self._pending is not None and not self._pending.done())
-
-    async def settle(self) -> None:
-        """Wait until the batch being written in the background is committed (or held and retried)."""
-        if self._pending is not None:
-            await self._pending
-            self._pending, self._pending_keys = None, set()
-
-    async def _commit(
-        self, records: list[ConsumerRecord[bytes, bytes]], prepared: Prepared, started: float
-    ) -> None:
-        try:
-            report = await self._transact(records, partial(self._processor.apply, prepared))
-        except Exception:
-            await self._apply(records, started)  # prepared again from scratch; the sink makes it safe
-            return
-        if self._in_outage:
-            self._end_outage()
-        self._done(records, report, started)
-
-    async def _apply(self, records: list[ConsumerRecord[bytes, bytes]], started: float) -> None:
-        self._done(records, await self._holding(records), started)
-
-    def _done(self, records: list[ConsumerRecord[bytes, bytes]], report: BatchReport, started: float) -> None:
+        report = await self._holding(records)
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             self._last_record_ms[tp] = max(self._last_record_ms.get(tp, 0), record.timestamp)
         self._record(records, report, time.perf_counter() - started)
 
-    async def _transact(
-        self, records: list[ConsumerRecord[bytes, bytes]], work: Callable[[], Awaitable[BatchReport]]
-    ) -> BatchReport:
+    async def _transact(self, records: list[ConsumerRecord[bytes, bytes]], isolate: bool) -> BatchReport:
         offsets: dict[TopicPartition, int] = {}
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
         async with self._producer.transaction():
-            report = await work()
+            if isolate:
+                report = await self._processor.dead_letter(
+                    records[0], ErrorClass.DATABASE_REJECTED, "the record breaks its batch"
+                )
+            else:
+                report = await self._processor.process(records)
             await self._producer.send_offsets_to_transaction(offsets, self._s.consumer_group)
         return report
 
@@ -204,20 +157,10 @@ class EmbeddingConsumer:
         self, records: list[ConsumerRecord[bytes, bytes]], isolate: bool = False
     ) -> BatchReport:
         """Apply and commit the batch, holding it through outages; isolate a record that breaks it."""
-        work = (
-            partial(
-                self._processor.dead_letter,
-                records[0],
-                ErrorClass.DATABASE_REJECTED,
-                "the record breaks its batch",
-            )
-            if isolate
-            else partial(self._processor.process, records)
-        )
         delay = 0.5
         while True:
             try:
-                report = await self._transact(records, work)
+                report = await self._transact(records, isolate)
             except Exception as exc:
                 if not (is_database_outage(exc) or isinstance(exc, KafkaError)):
                     return await self._isolate(records, exc)
@@ -306,7 +249,7 @@ class EmbeddingConsumer:
                 self._start_outage(exc if is_database_outage(exc) else TimeoutError(str(exc)))
             else:
                 self._health.database_ok = True
-                if self._in_outage and not self._busy():
+                if self._in_outage and not self._lock.locked():
                     self._end_outage()
             try:
                 lags = await asyncio.wait_for(partition_lag(self._kafka, set(assigned)), 10)
@@ -350,8 +293,8 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         # re-applied by the new owner, which the idempotent sink makes harmless.
         owner = self._owner
         try:
-            async with asyncio.timeout(owner._s.shutdown_grace_s), owner._lock:
-                await owner.settle()
+            await asyncio.wait_for(owner._lock.acquire(), owner._s.shutdown_grace_s)
+            owner._lock.release()
         except TimeoutError:
             log.warning("revocation did not wait for the in-flight batch")
         owner.forget(set(revoked))
