@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import psycopg
@@ -20,6 +20,7 @@ from consumer.bench.cpus import Split, separated
 from consumer.bench.flops import summary
 from consumer.bench.phases import insert_latencies, wait_embedded
 from consumer.bench.pipeline import set_connector_paused
+from consumer.consumer_process import ConsumerProcess
 from consumer.settings import Settings
 
 Say = Callable[[str], None]
@@ -53,37 +54,58 @@ def alternating(
     pace_s: float,
     placement: tuple[Split, Iterable[int], Iterable[int]] | None,
     say: Say,
-) -> dict[str, Any]:
-    """`rounds` rounds of: connector paused, a block of inserts (and one more with the database on its
-    own core, given a `placement` of (layout, database pids, pipeline pids)); connector resumed and
-    caught up; the same again with the pipeline running. Returns `ratios` of all samples."""
-    labels = [STOPPED, RUNNING] + ([SEPARATE + STOPPED, SEPARATE + RUNNING] if placement else [])
-    todo = iter(blocks(rows, rounds * len(labels)))
+) -> dict[str, list[float]]:
+    """`rounds` rounds of: connector paused, a block of inserts; connector resumed and caught up, a block
+    with the pipeline running. Given a `placement` (layout, database pids, pipeline pids), the database
+    and the pipeline run on separate cores meanwhile. Returns the latencies (ms) by condition."""
+    prefix = SEPARATE if placement else ""
+    stopped, running = prefix + STOPPED, prefix + RUNNING
+    todo = iter(blocks(rows, 2 * rounds))
     samples: dict[str, list[float]] = defaultdict(list)
-    inserted: list[dict[str, Any]] = []
 
-    def measure(label: str) -> list[dict[str, Any]]:
+    def measure(label: str) -> None:
         block = next(todo)
-        inserted.extend(block)
-        placed: AbstractContextManager[None] = (
-            separated(*placement) if placement and label.startswith(SEPARATE) else nullcontext()
-        )
-        with placed:
+        with separated(*placement) if placement else nullcontext():
             samples[label] += insert_latencies(conn, block, pace_s)
-        return block
+        if label == stopped:
+            set_connector_paused(settings, connector, False)
+        # caught up before the next block, so the pipeline only ever has one block's rows to do
+        wait_embedded(conn, settings, block[0]["id"], block[-1]["id"] + 1, 300, say)
 
     for round_ in range(1, rounds + 1):
-        say(f"insert latency, round {round_}/{rounds}: {', '.join(labels)} ...")
+        say(f"insert latency, {prefix or 'co-located, '}round {round_}/{rounds}: stopped, then running ...")
         set_connector_paused(settings, connector, True)
-        paused = [row for label in labels if STOPPED in label for row in measure(label)]
-        set_connector_paused(settings, connector, False)
-        wait_embedded(conn, settings, paused[0]["id"], paused[-1]["id"] + 1, 300, say)
-        for label in labels:
-            if RUNNING in label:
-                measure(label)
-    wait_embedded(conn, settings, inserted[0]["id"], inserted[-1]["id"] + 1, 300, say)
-    result = ratios(samples)
-    result["rounds"] = rounds
-    shown = [f"{k} {result[k]:.2f}" for k in ("p99_ratio", "separate_p99_ratio") if k in result]
-    say(f"  running/stopped: {', '.join(shown)}")
-    return result
+        measure(stopped)
+        measure(running)
+    return samples
+
+
+def separate_cores(
+    conn: psycopg.Connection[Any],
+    env: dict[str, str],
+    connector: str,
+    rows: list[dict[str, Any]],
+    rounds: int,
+    pace_s: float,
+    placement: tuple[Split, list[int], list[int]],
+    backlog: tuple[int, int],
+    say: Say,
+) -> dict[str, list[float]]:
+    """`alternating` with the database on its own core and a consumer of its own on the others, set
+    up for the cores it is given (CDC_TORCH_THREADS), as a pod of that size would be: a consumer
+    started for two cores and then held on one runs its model far slower, so events pile up and its
+    writes arrive in bursts that no deployment would see. `backlog`: ids to catch up on first."""
+    layout, database, jvms = placement
+    threads = len(layout.pipeline)
+    settings = Settings.from_env_map(env)
+    log = settings.stack_dir / "logs" / "bench-consumer-separate.log"
+    consumer = ConsumerProcess({**env, "CDC_TORCH_THREADS": str(threads)}, log).start()
+    try:
+        consumer.wait_ready()
+        say(f"consumer for the separate-cores rounds ready (pid {consumer.pid}, {threads} torch threads)")
+        wait_embedded(conn, settings, *backlog, 300, say)
+        return alternating(
+            conn, settings, connector, rows, rounds, pace_s, (layout, database, [*jvms, consumer.pid]), say
+        )
+    finally:
+        consumer.stop()

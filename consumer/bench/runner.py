@@ -8,6 +8,7 @@ import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,7 @@ import psycopg
 from consumer.bench import model as bm
 from consumer.bench.cpus import split
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
-from consumer.bench.insert_cost import alternating
+from consumer.bench.insert_cost import alternating, ratios, separate_cores
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
 from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
@@ -200,29 +201,42 @@ def pipeline_phases(
     register_connector(settings, progress=say)
     connector = load_connector_file()["name"]
     layout = split()
-    conditions = 4 if layout else 2
     latency_rows = bm.corpus_rows(
-        args.corpus, (1 + conditions) * args.latency_n, skip=40_000, id_base=LATENCY_IDS
+        args.corpus, (5 if layout else 3) * args.latency_n, skip=40_000, id_base=LATENCY_IDS
     )
-    database = [pid for pid in (stack.postgres.pid(),) if pid]
-    jvms = [pid for pid in (stack.kafka.pid(), stack.connect.pid()) if pid]
+    capture_rows, rounds_rows = latency_rows[: args.latency_n], iter(latency_rows[args.latency_n :])
+    capture_ids = (LATENCY_IDS, LATENCY_IDS + args.latency_n)
     with psycopg.connect(settings.dsn) as conn:
         say(f"insert latency, connector running, no consumer ({args.latency_n} rows) ...")
-        capture_only = summary(insert_latencies(conn, latency_rows[: args.latency_n], args.latency_pace_s))
+        capture_only = summary(insert_latencies(conn, capture_rows, args.latency_pace_s))
+        latencies: dict[str, list[float]] = {}
+        if layout:
+            database = [pid for pid in (stack.postgres.pid(),) if pid]
+            jvms = [pid for pid in (stack.kafka.pid(), stack.connect.pid()) if pid]
+            latencies |= separate_cores(
+                conn, env, connector, list(islice(rounds_rows, 2 * args.latency_n)), args.latency_rounds,
+                args.latency_pace_s, (layout, database, jvms), capture_ids, say,
+            )  # fmt: skip
         consumer = ConsumerProcess(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
         sampler = RssSampler(consumer.pid, 10.0 if args.soak_minutes > 0 else 1.0).start()
         try:
             consumer.wait_ready()
             say(f"consumer ready (pid {consumer.pid}); warm-up ...")
-            n = wait_embedded(conn, settings, LATENCY_IDS, LATENCY_IDS + args.latency_n, 300, say)
-            say(f"  caught up: {n} rows of the capture-only phase embedded")
-            placement = (layout, database, [*jvms, consumer.pid]) if layout else None
-            latency = alternating(
-                conn, settings, connector, latency_rows[args.latency_n :], args.latency_rounds,
-                args.latency_pace_s, placement, say,
+            wait_embedded(conn, settings, *capture_ids, 300, say)
+            latencies |= alternating(
+                conn, settings, connector, list(rounds_rows), args.latency_rounds, args.latency_pace_s,
+                None, say,
             )  # fmt: skip
+            latency = ratios(latencies)
+            shown = [f"{k} {latency[k]:.2f}" for k in ("p99_ratio", "separate_p99_ratio") if k in latency]
+            say(f"  insert p99 running/stopped: {', '.join(shown)}")
+            latency["rounds"] = args.latency_rounds
             latency["connector running, no consumer"] = capture_only
-            latency["layout"] = layout.describe() if layout else "one CPU: no separated measurement"
+            latency["layout"] = (
+                f"{layout.describe()}, a consumer with CDC_TORCH_THREADS={len(layout.pipeline)} there"
+                if layout
+                else "one CPU: no separated measurement"
+            )
             result["insert_latency"] = latency
             n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)
             bulk_rows = bm.corpus_rows(args.corpus, n_bulk, id_base=BULK_IDS)
