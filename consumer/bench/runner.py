@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import math
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime
@@ -22,7 +23,7 @@ from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
 from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
 from consumer.bench.report import targets, write_report
-from consumer.consumer_process import ConsumerProcess
+from consumer.consumer_process import ConsumerProcess, Samples
 from consumer.embedder import SentenceTransformerEmbedder
 from consumer.settings import Settings
 
@@ -78,6 +79,9 @@ def run_bench(args: BenchArgs, say: Say) -> int:
     try:
         pipeline_phases(args, env, settings, result, say)
     finally:
+        folder.mkdir(parents=True, exist_ok=True)
+        for log in (settings.stack_dir / "logs").glob("bench-consumer*.log"):  # per-batch timings
+            shutil.copy(log, folder)
         if not args.keep_stack:
             from consumer.stack import LocalStack
 
@@ -188,6 +192,25 @@ def end_to_end(
     return bulk
 
 
+def model_share(before: Samples, after: Samples, bulk: dict[str, float]) -> dict[str, float]:
+    """Where the bulk load's time went in the consumer, from its metrics: the share of the wall time its
+    model ran (the rest is the pipeline around it), and its model's speed there against the raw model's
+    beside (below 1: the stack's own processes took CPU from it)."""
+    model_s, db_s = (
+        after.get((f"cdc_embedder_{m}_seconds_sum", ()), 0.0)
+        - before.get((f"cdc_embedder_{m}_seconds_sum", ()), 0.0)
+        for m in ("model", "db")
+    )
+    model_rate = bulk["embedded"] / model_s if model_s > 0 else math.nan
+    return {
+        "consumer_model_s": model_s,
+        "consumer_db_s": db_s,
+        "model_busy_fraction": model_s / bulk["seconds"] if bulk["seconds"] > 0 else math.nan,
+        "consumer_model_texts_per_s": model_rate,
+        "consumer_model_to_raw": model_rate / bulk["raw_beside_texts_per_s"],
+    }
+
+
 def pipeline_phases(
     args: BenchArgs, env: dict[str, str], settings: Settings, result: dict[str, Any], say: Say
 ) -> None:
@@ -240,7 +263,13 @@ def pipeline_phases(
             result["insert_latency"] = latency
             n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)
             bulk_rows = bm.corpus_rows(args.corpus, n_bulk, id_base=BULK_IDS)
+            before = consumer.metrics()
             bulk = end_to_end(conn, settings, bulk_rows, args.soak_minutes <= 0, say)
+            bulk.update(model_share(before, consumer.metrics(), bulk))
+            say(
+                f"  consumer's model busy {bulk['model_busy_fraction']:.0%} of the time, at "
+                f"{bulk['consumer_model_to_raw']:.2f} of the raw model's speed beside"
+            )
             raw = result.get("raw", {}).get("texts_per_s", math.nan)
             bulk["ratio_to_model_phase"] = bulk["texts_per_s"] / raw if raw == raw else math.nan
             result["end_to_end"] = bulk
