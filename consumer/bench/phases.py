@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+from psycopg import sql
 
 from consumer.bench.flops import summary
 from consumer.bench.pipeline import vector_count
@@ -70,8 +71,9 @@ def bulk_throughput(
     committed = db_now(conn)
     count = wait_embedded(conn, settings, low, high, max(600.0, len(rows) * 2.0), say)
     found = conn.execute(
-        f"SELECT extract(epoch FROM max(updated_at))::float8 FROM {settings.vector_table} "
-        "WHERE id >= %s AND id < %s",
+        sql.SQL(
+            "SELECT extract(epoch FROM max(updated_at))::float8 FROM {} WHERE {key} >= %s AND {key} < %s"
+        ).format(sql.Identifier(*settings.target), key=sql.Identifier(settings.key_column)),
         (low, high),
     ).fetchone()
     conn.commit()
@@ -125,10 +127,12 @@ def steady_load(
     conn.autocommit = False
     embedded = wait_embedded(conn, settings, low, high, 300, say)
     found = conn.execute(
-        f"SELECT extract(epoch FROM d.updated_at)::float8, "
-        f"extract(epoch FROM (v.updated_at - d.updated_at))::float8 "
-        f"FROM public.documents d JOIN {settings.vector_table} v ON v.id = d.id "
-        "WHERE d.id >= %s AND d.id < %s ORDER BY d.id",
+        sql.SQL(
+            "SELECT extract(epoch FROM d.updated_at)::float8, "
+            "extract(epoch FROM (v.updated_at - d.updated_at))::float8 "
+            "FROM public.documents d JOIN {} v ON v.{key} = d.id "
+            "WHERE d.id >= %s AND d.id < %s ORDER BY d.id"
+        ).format(sql.Identifier(*settings.target), key=sql.Identifier(settings.key_column)),
         (low, high),
     ).fetchall()
     conn.commit()
