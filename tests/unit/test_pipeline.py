@@ -576,11 +576,14 @@ async def test_database_outage_propagates_without_publishing(
             raise ConnectionRefusedError("postgres is down")
 
     bad = topic.record(2, b"garbage")
+    counted = {o: events_total("create", o) for o in ("embedded", "superseded")}
     with pytest.raises(ConnectionRefusedError):
         await BatchProcessor(settings, embedder, DownSink(), publisher).process(
-            [topic.create(1, 100, "x"), bad]
+            [topic.create(1, 100, "x"), topic.create(1, 90, "older"), bad]
         )
     assert publisher.sent == []  # nothing acknowledged: the caller holds and re-applies the batch
+    # nor counted: the re-applied batch counts its outcomes once
+    assert {o: events_total("create", o) for o in counted} == counted
 
 
 async def test_fake_sink_ordering_rule() -> None:
