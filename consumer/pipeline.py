@@ -71,20 +71,6 @@ class _Decoded:
     state: RetryState
 
 
-@dataclass(slots=True)
-class Prepared:
-    """A batch decided and embedded but not written: what `BatchProcessor.apply` writes and counts.
-
-    Outcomes are counted only by `apply`, so a batch that is prepared again after a failed write is
-    not counted twice.
-    """
-
-    report: BatchReport
-    batch: WriteBatch = field(default_factory=WriteBatch)
-    outcomes: list[tuple[_Decoded, str]] = field(default_factory=list)
-    failures: list[Failure] = field(default_factory=list)
-
-
 class BatchProcessor:
     def __init__(
         self,
@@ -102,19 +88,20 @@ class BatchProcessor:
         self._executor = executor
 
     async def process(self, records: Sequence[Record]) -> BatchReport:
-        """Apply the batch. Raises only when the database or broker is unreachable (nothing committed)."""
-        return await self.apply(await self.prepare(records))
+        """Apply the batch. Raises only when the database or broker is unreachable (nothing committed).
 
-    async def prepare(self, records: Sequence[Record]) -> Prepared:
-        """Decide every record and embed what needs it; nothing is written or published yet."""
+        Outcomes are counted only once the batch is written, so a batch re-applied after a failed write
+        is counted once.
+        """
         report = BatchReport()
-        prepared = Prepared(report)
-        decoded = self._decode(records, prepared.failures)
+        failures: list[Failure] = []
+        outcomes: list[tuple[_Decoded, str]] = []
+        decoded = self._decode(records, failures)
         live = [d for d in decoded if d.change.op is not Op.TOMBSTONE]
-        prepared.outcomes += [(d, "ignored") for d in decoded if d.change.op is Op.TOMBSTONE]
+        outcomes += [(d, "ignored") for d in decoded if d.change.op is Op.TOMBSTONE]
         winners, losers = collapse(d.change for d in live)
         by_change = {id(d.change): d for d in live}
-        prepared.outcomes += [(by_change[id(c)], "superseded") for c in losers]
+        outcomes += [(by_change[id(c)], "superseded") for c in losers]
 
         started = time.perf_counter()
         stored = await self._sink.stored(list(winners))
@@ -122,29 +109,29 @@ class BatchProcessor:
         current = await self._sink.source_texts(lookups)
         report.db_s += time.perf_counter() - started
 
-        batch = prepared.batch
+        batch = WriteBatch()
         to_embed: list[tuple[_Decoded, str, bytes]] = []
         for key, change in winners.items():
             item = by_change[id(change)]
             previous = stored.get(key)
             if _older(change, previous):
-                prepared.outcomes.append((item, "superseded"))
+                outcomes.append((item, "superseded"))
                 continue
             if change.is_delete:
                 batch.deletes.append((key, change.position, change.source_ts_ms))
-                prepared.outcomes.append((item, "deleted"))
+                outcomes.append((item, "deleted"))
                 continue
             text = change.text if change.text is not None else current.get(key)
             if text is None:  # the row is gone; its delete event follows
-                prepared.outcomes.append((item, "superseded"))
+                outcomes.append((item, "superseded"))
                 continue
             if isinstance(text, EventError):
-                prepared.failures.append(self._failure(item.record, item.state, text.error_class, str(text)))
+                failures.append(self._failure(item.record, item.state, text.error_class, str(text)))
                 continue
             digest = text_hash(self._embedder.name, text)
             if previous is not None and not previous.deleted and previous.text_sha256 == digest:
                 batch.touches.append((key, change.position, change.source_ts_ms))
-                prepared.outcomes.append((item, "unchanged"))
+                outcomes.append((item, "unchanged"))
             else:
                 to_embed.append((item, text, digest))
 
@@ -153,25 +140,21 @@ class BatchProcessor:
             for index, (item, _, digest) in enumerate(to_embed):
                 vector = vectors[index]
                 if vector is None:
-                    prepared.failures.append(self._failure(item.record, item.state, *errors[index]))
+                    failures.append(self._failure(item.record, item.state, *errors[index]))
                     continue
                 change = item.change
                 batch.upserts.append((change.key, vector, digest, change.position, change.source_ts_ms))
-                prepared.outcomes.append((item, "embedded"))
-        return prepared
+                outcomes.append((item, "embedded"))
 
-    async def apply(self, prepared: Prepared) -> BatchReport:
-        """Write a prepared batch, count its outcomes, route its failures. Raises like `process`."""
-        report = prepared.report
         started = time.perf_counter()
-        report.written_rows = await self._sink.write(prepared.batch)
+        report.written_rows = await self._sink.write(batch)
         report.db_s += time.perf_counter() - started
         committed_at = time.time()
-        for item, outcome in prepared.outcomes:
+        for item, outcome in outcomes:
             self._count(report, [item], outcome)
             if outcome in WRITTEN and item.change.source_ts_ms is not None:
                 metrics.END_TO_END_SECONDS.observe(max(committed_at - item.change.source_ts_ms / 1000, 0.0))
-        await self._route(prepared.failures, report)
+        await self._route(failures, report)
         return report
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:

@@ -63,20 +63,23 @@ def alternating(
     todo = iter(blocks(rows, 2 * rounds))
     samples: dict[str, list[float]] = defaultdict(list)
 
-    def measure(label: str) -> None:
+    def insert_block(label: str) -> list[dict[str, Any]]:
         block = next(todo)
         with separated(*placement) if placement else nullcontext():
             samples[label] += insert_latencies(conn, block, pace_s)
-        if label == stopped:
-            set_connector_paused(settings, connector, False)
-        # caught up before the next block, so the pipeline only ever has one block's rows to do
+        return block
+
+    def catch_up(block: list[dict[str, Any]]) -> None:
+        """Every block is embedded before the next one, so the pipeline only ever has its rows to do."""
         wait_embedded(conn, settings, block[0]["id"], block[-1]["id"] + 1, 300, say)
 
     for round_ in range(1, rounds + 1):
         say(f"insert latency, {prefix or 'co-located, '}round {round_}/{rounds}: stopped, then running ...")
         set_connector_paused(settings, connector, True)
-        measure(stopped)
-        measure(running)
+        paused = insert_block(stopped)
+        set_connector_paused(settings, connector, False)
+        catch_up(paused)
+        catch_up(insert_block(running))
     return samples
 
 
