@@ -37,6 +37,11 @@ END_TO_END_SECONDS = Histogram(
     "Source commit (Debezium source.ts_ms) to vector commit.",
     buckets=_SECONDS_BUCKETS,
 )
+CAPTURE_SECONDS = Histogram(
+    f"{PREFIX}_capture_seconds",
+    "Source commit to the change's Kafka record (Debezium and Connect); the rest of end to end is ours.",
+    buckets=_SECONDS_BUCKETS,
+)
 TEXTS_EMBEDDED = Counter(f"{PREFIX}_texts_embedded", "Texts sent through the model.")
 TOKENS_EMBEDDED = Counter(f"{PREFIX}_tokens_embedded", "Tokens sent through the model, after truncation.")
 TEXTS_TRUNCATED = Counter(f"{PREFIX}_texts_truncated", "Texts longer than the model window, truncated.")

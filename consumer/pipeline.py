@@ -40,6 +40,8 @@ class Record(Protocol):
     def value(self) -> bytes | None: ...
     @property
     def headers(self) -> Sequence[tuple[str, bytes]]: ...
+    @property
+    def timestamp(self) -> int: ...  # ms; for source records, when Connect produced them
 
 
 @dataclass(slots=True)
@@ -153,7 +155,7 @@ class BatchProcessor:
         for item, outcome in outcomes:
             self._count(report, [item], outcome)
             if outcome in WRITTEN and item.change.source_ts_ms is not None:
-                metrics.END_TO_END_SECONDS.observe(max(committed_at - item.change.source_ts_ms / 1000, 0.0))
+                self._observe_freshness(item, committed_at, item.change.source_ts_ms / 1000)
         await self._route(failures, report)
         return report
 
@@ -210,6 +212,12 @@ class BatchProcessor:
     async def _run_model(self, texts: list[str]) -> Embedding:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._embedder.embed, texts)
+
+    def _observe_freshness(self, item: _Decoded, committed_at: float, source_at: float) -> None:
+        metrics.END_TO_END_SECONDS.observe(max(committed_at - source_at, 0.0))
+        # a retry record's timestamp is its republication, not its capture
+        if item.record.topic == self._settings.source_topic:
+            metrics.CAPTURE_SECONDS.observe(max(item.record.timestamp / 1000 - source_at, 0.0))
 
     @staticmethod
     def _account(embedding: Embedding, report: BatchReport) -> None:

@@ -13,7 +13,12 @@ import psycopg
 from psycopg import sql
 
 from consumer.errors import OperatorError
+from consumer.logs import get_logger
 from consumer.settings import Settings, env_name
+
+log = get_logger("cdc_embedder.schema")
+# pgvector's HNSW build options when an index was created without WITH (...)
+HNSW_DEFAULTS = {"m": "16", "ef_construction": "64"}
 
 
 class SchemaError(OperatorError):
@@ -47,6 +52,37 @@ async def _column_type(conn: psycopg.AsyncConnection, schema: str, table: str, c
     return str(row[0]) if row else None
 
 
+async def hnsw_options(conn: psycopg.AsyncConnection, schema: str, table: str) -> list[dict[str, str]]:
+    """Build options of each HNSW index on the table (pgvector's defaults filled in)."""
+    cur = await conn.execute(
+        """
+        SELECT c.reloptions FROM pg_index i
+        JOIN pg_class c ON c.oid = i.indexrelid
+        JOIN pg_am am ON am.oid = c.relam
+        WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND am.amname = 'hnsw'
+        """,
+        (schema, table),
+    )
+    return [
+        HNSW_DEFAULTS | dict(option.split("=", 1) for option in (row[0] or []))
+        for row in await cur.fetchall()
+    ]
+
+
+async def _check_index_options(conn: psycopg.AsyncConnection, settings: Settings) -> None:
+    """An existing index keeps the options it was built with: say so when the settings ask for others."""
+    wanted = {"m": str(settings.hnsw_m), "ef_construction": str(settings.hnsw_ef_construction)}
+    for options in await hnsw_options(conn, *settings.target):
+        differing = {k: v for k, v in wanted.items() if options.get(k) != v}
+        if differing:
+            log.warning(
+                "the vector table's HNSW index was built with other options; they apply to a new index only",
+                index_options={k: options.get(k) for k in differing},
+                settings={env_name(f"hnsw_{k}"): v for k, v in differing.items()},
+                fix="CREATE INDEX CONCURRENTLY ... WITH (m = ..., ef_construction = ...), drop the old one",
+            )
+
+
 async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings, dimension: int) -> TableInfo:
     """Create the vector table if missing; fail if the source or an existing vector table does not fit."""
     schema, table = settings.source
@@ -72,6 +108,7 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
                 f"vector({dimension}): set {env_name('vector_table')} to a new table or {env_name('model')} "
                 f"to a model of that dimension"
             )
+        await _check_index_options(conn, settings)
         return TableInfo(key_type=key_type)
     await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
     key = sql.Identifier(settings.key_column)
@@ -98,8 +135,14 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
     )
     await conn.execute(
         sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {name} ON {table} USING hnsw (embedding vector_cosine_ops)"
-        ).format(name=sql.Identifier(f"{vtable}_embedding_hnsw"), table=_ident(vschema, vtable))
+            "CREATE INDEX IF NOT EXISTS {name} ON {table} USING hnsw (embedding vector_cosine_ops) "
+            "WITH (m = {m}, ef_construction = {ef})"
+        ).format(
+            name=sql.Identifier(f"{vtable}_embedding_hnsw"),
+            table=_ident(vschema, vtable),
+            m=sql.Literal(settings.hnsw_m),
+            ef=sql.Literal(settings.hnsw_ef_construction),
+        )
     )
     await conn.commit()
     return TableInfo(key_type=key_type)

@@ -283,10 +283,13 @@ def pipeline_phases(
             steady = steady_load(
                 conn, settings, cycle_rows(args.corpus, ids, skip=n_bulk), rate, duration, say
             )
-            buckets = histogram_buckets(before, consumer.metrics(), "cdc_embedder_end_to_end_seconds")
-            steady["histogram_end_to_end_s"] = {
-                f"p{q}": histogram_quantile(q / 100, buckets) for q in (50, 95, 99)
-            }
+            after = consumer.metrics()
+            # the consumer's own view, and the capture (Debezium) part of it
+            for part in ("end_to_end", "capture"):
+                buckets = histogram_buckets(before, after, f"cdc_embedder_{part}_seconds")
+                steady[f"histogram_{part}_s"] = {
+                    f"p{q}": histogram_quantile(q / 100, buckets) for q in (50, 95, 99)
+                }
             result["freshness"] = steady
             if key == "soak":
                 result["soak"] = {"minutes": args.soak_minutes, "series": steady["series"]}

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
+import structlog.testing
 from psycopg import errors
 
 from consumer import schema
@@ -204,3 +205,36 @@ async def test_consumer_starts_under_least_privilege(pg: Postgres) -> None:
     async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
         info = await schema.ensure_vector_table(conn, settings, DIMENSION)
     assert info.key_type == "bigint"
+
+
+async def test_vector_index_takes_the_hnsw_settings_and_an_existing_one_is_reported(pg: Postgres) -> None:
+    """CDC_HNSW_M and CDC_HNSW_EF_CONSTRUCTION reach the index the consumer creates; an index that
+    exists keeps its options, and a start with other settings says so instead of rebuilding it."""
+    created = pg.psql("postgres", "-c", "CREATE DATABASE hnsw_options")
+    assert created.returncode == 0, created.stderr
+    cheap = Settings(database_url=pg.uri("hnsw_options"), hnsw_m=8, hnsw_ef_construction=32)
+    async with await psycopg.AsyncConnection.connect(cheap.dsn) as conn:
+        await schema.create_demo_source_table(conn, cheap, "cdc_embedder_hnsw")
+        await schema.ensure_vector_table(conn, cheap, DIMENSION)
+        assert await schema.hnsw_options(conn, *cheap.target) == [{"m": "8", "ef_construction": "32"}]
+        with structlog.testing.capture_logs() as logs:
+            await schema.ensure_vector_table(conn, cheap, DIMENSION)
+            assert logs == []
+            await schema.ensure_vector_table(conn, Settings(database_url=cheap.dsn), DIMENSION)
+        assert await schema.hnsw_options(conn, *cheap.target) == [{"m": "8", "ef_construction": "32"}]
+    [warning] = logs
+    assert warning["log_level"] == "warning"
+    assert warning["index_options"] == {"m": "8", "ef_construction": "32"}
+    assert warning["settings"] == {"CDC_HNSW_M": "16", "CDC_HNSW_EF_CONSTRUCTION": "64"}
+
+
+async def test_hnsw_options_fill_in_pgvectors_defaults(pg: Postgres) -> None:
+    """schema.sql spells the defaults out; an index created without WITH (...) reads the same."""
+    created = pg.psql("postgres", "-c", "CREATE DATABASE hnsw_bare")
+    assert created.returncode == 0, created.stderr
+    async with await psycopg.AsyncConnection.connect(pg.uri("hnsw_bare")) as conn:
+        await conn.execute("CREATE EXTENSION vector")
+        await conn.execute("CREATE TABLE public.v (id int PRIMARY KEY, embedding vector(3))")
+        await conn.execute("CREATE INDEX ON public.v USING hnsw (embedding vector_cosine_ops)")
+        assert await schema.hnsw_options(conn, "public", "v") == [schema.HNSW_DEFAULTS]
+        assert await schema.hnsw_options(conn, "public", "missing") == []

@@ -162,6 +162,7 @@ class FakeRecord:
     key: bytes | None
     value: bytes | None
     headers: Sequence[tuple[str, bytes]] = ()
+    timestamp: int = 0  # ms
 
 
 # --- building records -----------------------------------------------------------------------------

@@ -597,3 +597,38 @@ async def test_fake_sink_ordering_rule() -> None:
     assert await sink.write(WriteBatch(touches=[(1, 11, None)])) == 1
     assert await sink.write(WriteBatch(touches=[(2, 11, None)])) == 0
     assert sink.rows[1].position == 11
+
+
+def histogram(name: str) -> tuple[float, float]:
+    """(count, sum) of a histogram so far."""
+    return (
+        REGISTRY.get_sample_value(f"{name}_count") or 0.0,
+        REGISTRY.get_sample_value(f"{name}_sum") or 0.0,
+    )
+
+
+async def test_capture_time_is_observed_for_source_records_only(
+    processor: BatchProcessor, topic: Topic
+) -> None:
+    """Capture = the Kafka record's timestamp minus the source commit; a retry record's timestamp is
+    when it was republished, so it says nothing about capture and is left out (end to end is not)."""
+    source_ms = 1_700_000_000_000
+    captured = replace(topic.record(1, event("c", 1, 100, "a", ts_ms=source_ms)), timestamp=source_ms + 250)
+    retried = FakeRecord(
+        RETRY_TOPIC,
+        0,
+        0,
+        orjson.dumps({"id": 2}),
+        event("c", 2, 101, "b", ts_ms=source_ms),
+        (),
+        source_ms + 9000,
+    )
+    capture, end_to_end = (
+        histogram("cdc_embedder_capture_seconds"),
+        histogram("cdc_embedder_end_to_end_seconds"),
+    )
+    await apply(processor, [captured, retried])
+    capture_now = histogram("cdc_embedder_capture_seconds")
+    assert capture_now[0] - capture[0] == 1
+    assert capture_now[1] - capture[1] == pytest.approx(0.25)
+    assert histogram("cdc_embedder_end_to_end_seconds")[0] - end_to_end[0] == 2

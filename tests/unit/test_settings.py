@@ -41,6 +41,7 @@ def test_defaults() -> None:
     assert (s.http_host, s.http_port) == ("0.0.0.0", 9400)
     assert (s.log_level, s.log_format) == ("INFO", "auto")
     assert s.liveness_stall_s == 30.0
+    assert (s.hnsw_m, s.hnsw_ef_construction) == (16, 64)  # pgvector's own
 
 
 @pytest.mark.parametrize(
@@ -48,6 +49,8 @@ def test_defaults() -> None:
     [
         ("CDC_BATCH_MAX_EVENTS", "8", "batch_max_events", 8),
         ("CDC_BATCH_MAX_WAIT_MS", "50", "batch_max_wait_ms", 50),
+        ("CDC_HNSW_M", "8", "hnsw_m", 8),
+        ("CDC_HNSW_EF_CONSTRUCTION", "200", "hnsw_ef_construction", 200),
         ("CDC_RETRY_BACKOFF_MAX_S", "60.5", "retry_backoff_max_s", 60.5),
         ("CDC_RETRY_MAX_ATTEMPTS", "2", "retry_max_attempts", 2),
         ("CDC_LOG_LEVEL", "DEBUG", "log_level", "DEBUG"),
@@ -85,6 +88,8 @@ def test_external_services_switch_off_the_embedded_stack(monkeypatch: pytest.Mon
         ("CDC_RETRY_MAX_ATTEMPTS", "0"),
         ("CDC_RETRY_BACKOFF_INITIAL_S", "0"),
         ("CDC_MAX_TEXT_CHARS", "0"),
+        ("CDC_HNSW_M", "1"),
+        ("CDC_HNSW_EF_CONSTRUCTION", "2000"),
         ("CDC_EMBED_DTYPE", "float16"),
         ("CDC_KAFKA_SECURITY_PROTOCOL", "SASL"),
         ("CDC_KAFKA_SASL_MECHANISM", "GSSAPI"),
@@ -158,6 +163,15 @@ def test_backoff_initial_above_max_names_both(monkeypatch: pytest.MonkeyPatch) -
         load_with(monkeypatch, CDC_RETRY_BACKOFF_INITIAL_S="30", CDC_RETRY_BACKOFF_MAX_S="10")
     assert "CDC_RETRY_BACKOFF_INITIAL_S" in str(info.value)
     assert "CDC_RETRY_BACKOFF_MAX_S" in str(info.value)
+
+
+def test_hnsw_ef_construction_below_twice_m_names_both(monkeypatch: pytest.MonkeyPatch) -> None:
+    """pgvector would refuse the index; the consumer refuses the setting before it creates anything."""
+    with pytest.raises(SettingsError) as info:
+        load_with(monkeypatch, CDC_HNSW_M="32", CDC_HNSW_EF_CONSTRUCTION="40")
+    assert "CDC_HNSW_EF_CONSTRUCTION" in str(info.value)
+    assert "CDC_HNSW_M" in str(info.value)
+    assert load_with(monkeypatch, CDC_HNSW_EF_CONSTRUCTION="64").hnsw_m == 32  # exactly twice is allowed
 
 
 def test_settings_are_frozen() -> None:
