@@ -30,6 +30,6 @@ CREATE TABLE IF NOT EXISTS public.document_embeddings (
 );
 
 -- m and ef_construction are pgvector's defaults and CDC_HNSW_M, CDC_HNSW_EF_CONSTRUCTION's: lower values
--- make each vector write cheaper for the database and search recall lower (README, "Configuration").
+-- make each vector write cheaper for the database and search recall lower (README, "Benchmarks").
 CREATE INDEX IF NOT EXISTS document_embeddings_embedding_hnsw
     ON public.document_embeddings USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64);
