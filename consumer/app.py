@@ -151,6 +151,7 @@ class EmbeddingConsumer:
             else:
                 report = await self._processor.process(records)
             await self._producer.send_offsets_to_transaction(offsets, self._s.consumer_group)
+        report.record_metrics()
         return report
 
     async def _holding(
@@ -180,11 +181,7 @@ class EmbeddingConsumer:
             return await self._holding(records, isolate=True)
         total = BatchReport()
         for record in records:
-            single = await self._holding([record])
-            total.outcomes.update(single.outcomes)
-            total.embedded_texts += single.embedded_texts
-            total.model_s += single.model_s
-            total.db_s += single.db_s
+            total.merge(await self._holding([record]))
         return total
 
     async def _wait_out(self, exc: BaseException, delay: float) -> None:

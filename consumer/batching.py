@@ -6,7 +6,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
-from consumer.events import Change, Key
+from consumer.events import Change, Key, supersedes
 
 T = TypeVar("T")
 
@@ -42,12 +42,17 @@ async def gather_batch(
 
 
 def collapse(changes: Iterable[Change]) -> tuple[dict[Key, Change], list[Change]]:
-    """Keep the newest change of each key (by source position); return the winners and the losers."""
+    """Keep the newest change of each key (`supersedes`); return the winners and the losers.
+
+    Of two equally new records (a duplicate) the later one wins.
+    """
     newest: dict[Key, Change] = {}
     superseded: list[Change] = []
     for change in changes:
         current = newest.get(change.key)
-        if current is None or change.position >= current.position:
+        if current is None or not supersedes(
+            current.position, current.is_snapshot, change.position, change.is_snapshot
+        ):
             if current is not None:
                 superseded.append(current)
             newest[change.key] = change

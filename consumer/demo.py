@@ -18,7 +18,7 @@ from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
 from consumer.embedder import Embedder, SentenceTransformerEmbedder
-from consumer.schema import create_demo_source_table
+from consumer.schema import DEMO_KEY_COLUMN, create_demo_source_table
 from consumer.search import search
 from consumer.settings import Settings
 
@@ -50,7 +50,7 @@ async def insert_rows(
                     t=sql.Identifier(*settings.source),
                     cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
                     vals=sql.SQL(", ").join(sql.Placeholder() * len(columns)),
-                    key=sql.Identifier(settings.key_column),
+                    key=sql.Identifier(DEMO_KEY_COLUMN),
                     sets=sql.SQL(", ").join(
                         sql.SQL("{c} = excluded.{c}").format(c=sql.Identifier(c)) for c in columns
                     ),
@@ -78,7 +78,7 @@ async def print_search(settings: Settings, embedder: Embedder, query: str, k: in
         hits = await search(conn, settings, embedder, query, k)
     say(f"search {query!r} (top {k}, cosine similarity):")
     for hit in hits:
-        say(f"  {hit.similarity:.3f}  [{hit.key}] {hit.preview}")
+        say(f"  {hit.similarity:.3f}  [{', '.join(map(str, hit.key))}] {hit.preview}")
     if not hits:
         say("  (no vectors yet)")
 

@@ -18,7 +18,10 @@ from consumer.errors import ErrorClass, EventError
 UNAVAILABLE_PLACEHOLDER = "__debezium_unavailable_value"
 TEXT_SEPARATOR = "\n\n"
 
-Key = int | str
+# A row's primary key as the text Postgres prints for each key column (`col::text`). Keys decoded from
+# Debezium's JSON and keys read back from Postgres (uuid.UUID, Decimal, int) only compare equal in one
+# canonical form, and the text form is the one both sides can produce without knowing the types.
+Key = tuple[str, ...]
 
 
 class Op(StrEnum):
@@ -26,6 +29,7 @@ class Op(StrEnum):
     READ = "r"  # a row of the initial snapshot
     UPDATE = "u"
     DELETE = "d"
+    TRUNCATE = "t"  # the whole table was emptied; the event has no key
     TOMBSTONE = "tombstone"  # the null-valued record after a delete, for log compaction
 
     @property
@@ -38,6 +42,7 @@ _LABELS = {
     Op.READ: "snapshot",
     Op.UPDATE: "update",
     Op.DELETE: "delete",
+    Op.TRUNCATE: "truncate",
     Op.TOMBSTONE: "tombstone",
 }
 UNKNOWN_OP_LABEL = "unknown"
@@ -57,10 +62,12 @@ class Origin:
 
 @dataclass(frozen=True, slots=True)
 class Change:
-    key: Key
+    key: Key  # () for a truncate
     op: Op
     position: int  # the change's WAL position (LSN): per row, later changes have larger ones
-    text: str | None  # None for deletes, tombstones and rows whose text must be read from the source
+    # None for deletes, truncates, tombstones and rows whose text must be read from the source;
+    # "" for a row whose text columns are all empty (a valid state: the row has no vector)
+    text: str | None
     source_ts_ms: int | None
     origin: Origin
 
@@ -69,8 +76,27 @@ class Change:
         return self.op is Op.DELETE
 
     @property
+    def is_snapshot(self) -> bool:
+        """A row read by a snapshot (initial, blocking or incremental), not a change streamed from the WAL."""
+        return self.op is Op.READ
+
+    @property
     def needs_text_lookup(self) -> bool:
         return self.text is None and self.op in (Op.CREATE, Op.READ, Op.UPDATE)
+
+
+def supersedes(position: int, snapshot: bool, over_position: int, over_snapshot: bool) -> bool:
+    """Whether a change (or snapshot row) at `position` is newer than one at `over_position`.
+
+    Streamed changes of a row are ordered by LSN: row locks make a row's changes commit in the order of
+    their LSNs. A snapshot row is not: it carries the position where the snapshot began (or where an
+    incremental snapshot's window closed), and a transaction still open when the snapshot read the row
+    wrote its change at a lower LSN but committed after the read. So a streamed change is newer than any
+    snapshot row, and a snapshot row only newer than an older snapshot row.
+    """
+    if not snapshot:
+        return over_snapshot or position > over_position
+    return over_snapshot and position > over_position
 
 
 def _load(raw: bytes | None, what: str) -> Any:
@@ -82,14 +108,29 @@ def _load(raw: bytes | None, what: str) -> Any:
         raise EventError(ErrorClass.INVALID_JSON, f"{what} is not valid JSON: {exc}") from None
 
 
-def _key(raw_key: bytes | None, key_column: str) -> Key:
+def key_text(value: Any) -> str | None:
+    """A key column's value from Debezium's JSON as Postgres prints it, None if it is not a key value.
+
+    Integers are numbers, and uuid, text and numeric (decimal.handling.mode=string) are strings that
+    Debezium takes from Postgres' own output, so the text form matches `col::text` exactly.
+    """
+    if isinstance(value, int | str) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _key(raw_key: bytes | None, key_columns: tuple[str, ...]) -> Key:
     key = _load(raw_key, "key")
     if isinstance(key, dict) and "payload" in key and "schema" in key:
         key = key["payload"]  # JsonConverter with schemas.enable=true
-    value = key.get(key_column) if isinstance(key, dict) else None
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise EventError(ErrorClass.INVALID_EVENT, f"key has no scalar {key_column!r}: {key!r}")
-    return value
+    if not isinstance(key, dict):
+        raise EventError(
+            ErrorClass.INVALID_EVENT, f"key is not an object of {', '.join(key_columns)}: {key!r}"
+        )
+    parts = tuple(key_text(key.get(column)) for column in key_columns)
+    if any(part is None for part in parts):
+        raise EventError(ErrorClass.INVALID_EVENT, f"key lacks a scalar {', '.join(key_columns)}: {key!r}")
+    return tuple(p for p in parts if p is not None)
 
 
 def join_text(row: dict[str, Any], text_columns: tuple[str, ...]) -> str | None:
@@ -105,23 +146,19 @@ def join_text(row: dict[str, Any], text_columns: tuple[str, ...]) -> str | None:
             value = str(value)
         if value and value.strip():
             parts.append(value.strip())
-    if not parts:
-        raise EventError(ErrorClass.EMPTY_TEXT, f"columns {', '.join(text_columns)} are all empty")
-    return TEXT_SEPARATOR.join(parts)
+    return TEXT_SEPARATOR.join(parts)  # "" when all are empty: the row has no text to embed
 
 
 def decode(
     raw_key: bytes | None,
     raw_value: bytes | None,
     origin: Origin,
-    key_column: str,
+    key_columns: tuple[str, ...],
     text_columns: tuple[str, ...],
-    max_text_chars: int,
 ) -> Change:
-    key = _key(raw_key, key_column)
     envelope = _load(raw_value, "value")
     if envelope is None:
-        return Change(key, Op.TOMBSTONE, -1, None, None, origin)
+        return Change(_key(raw_key, key_columns), Op.TOMBSTONE, -1, None, None, origin)
     if isinstance(envelope, dict) and "payload" in envelope and "schema" in envelope:
         envelope = envelope["payload"]
     if not isinstance(envelope, dict):
@@ -138,18 +175,15 @@ def decode(
         raise EventError(ErrorClass.INVALID_EVENT, "source.lsn is missing: not a Postgres change event")
     ts = source.get("ts_ms") if isinstance(source, dict) else None
     source_ts_ms = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
+    if op is Op.TRUNCATE:  # a truncate event has no key: it is about the whole table
+        return Change((), op, position, None, source_ts_ms, origin)
+    key = _key(raw_key, key_columns)
     if op is Op.DELETE:
         return Change(key, op, position, None, source_ts_ms, origin)
     after = envelope.get("after")
     if not isinstance(after, dict):
         raise EventError(ErrorClass.INVALID_EVENT, f"op {op.value!r} without an 'after' row")
-    text = join_text(after, text_columns)
-    if text is not None and len(text) > max_text_chars:
-        raise EventError(
-            ErrorClass.TEXT_REFUSED,
-            f"text has {len(text)} characters, over CDC_MAX_TEXT_CHARS={max_text_chars}",
-        )
-    return Change(key, op, position, text, source_ts_ms, origin)
+    return Change(key, op, position, join_text(after, text_columns), source_ts_ms, origin)
 
 
 def op_label(raw_value: bytes | None) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter as Tally
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -19,10 +19,13 @@ from consumer import metrics
 from consumer.batching import collapse
 from consumer.embedder import Embedder, Embedding, Vector
 from consumer.errors import ErrorClass, EventError, classify
-from consumer.events import Change, Op, Origin, decode, op_label
+from consumer.events import Change, Key, Op, Origin, decode, op_label
+from consumer.logs import get_logger
 from consumer.retry import Publisher, RetryPolicy, RetryState, Route
 from consumer.settings import Settings
-from consumer.sink import Sink, Stored, WriteBatch, text_hash
+from consumer.sink import Kind, Sink, State, Write, WriteBatch, text_hash
+
+log = get_logger("cdc_embedder.pipeline")
 
 
 class Record(Protocol):
@@ -55,15 +58,47 @@ class Failure:
 
 @dataclass(slots=True)
 class BatchReport:
+    """What one batch did. Its metrics are counted by `record_metrics` once the batch is committed in
+    Kafka too, so a batch applied again after a failed commit is counted once."""
+
     outcomes: Tally[str] = field(default_factory=Tally)
+    events: Tally[tuple[str, str]] = field(default_factory=Tally)  # (op, outcome)
     embedded_texts: int = 0
     model_s: float = 0.0
     db_s: float = 0.0
     written_rows: int = 0
     failures: list[tuple[Failure, Route]] = field(default_factory=list)
+    freshness: list[tuple[float, float | None]] = field(default_factory=list)  # end to end, capture (s)
+
+    def add(self, op: str, outcome: str) -> None:
+        self.outcomes[outcome] += 1
+        self.events[(op, outcome)] += 1
+
+    def merge(self, other: BatchReport) -> None:
+        self.outcomes.update(other.outcomes)
+        self.events.update(other.events)
+        self.embedded_texts += other.embedded_texts
+        self.model_s += other.model_s
+        self.db_s += other.db_s
+        self.written_rows += other.written_rows
+        self.failures += other.failures
+        self.freshness += other.freshness
+
+    def record_metrics(self) -> None:
+        for (op, outcome), n in self.events.items():
+            metrics.count_event(op, outcome, n)
+        for failure, route in self.failures:
+            (metrics.DEAD_LETTERS if route.dead_letter else metrics.RETRIES).labels(
+                error_class=failure.error_class.value
+            ).inc()
+        for end_to_end, capture in self.freshness:
+            metrics.END_TO_END_SECONDS.observe(end_to_end)
+            if capture is not None:
+                metrics.CAPTURE_SECONDS.observe(capture)
 
 
-WRITTEN = frozenset({"embedded", "unchanged", "deleted"})  # outcomes whose write is a freshness sample
+# outcomes whose write is a freshness sample
+WRITTEN = frozenset({"embedded", "unchanged", "deleted", "no_text", "too_long", "table_cleared"})
 
 
 @dataclass(slots=True)
@@ -71,6 +106,16 @@ class _Decoded:
     change: Change
     record: Record
     state: RetryState
+
+
+@dataclass(slots=True)
+class _Plan:
+    """One winning change's write and the outcome it has if the guard lets it land."""
+
+    item: _Decoded
+    write: Write
+    outcome: str
+    text: str | None = None
 
 
 class BatchProcessor:
@@ -81,6 +126,8 @@ class BatchProcessor:
         sink: Sink,
         publisher: Publisher,
         executor: Executor | None = None,
+        key_columns: tuple[str, ...] = ("id",),
+        on_model_stall: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
         self._embedder = embedder
@@ -88,74 +135,44 @@ class BatchProcessor:
         self._publisher = publisher
         self._policy = RetryPolicy(settings)
         self._executor = executor
+        self._key_columns = key_columns
+        self._on_model_stall = on_model_stall
 
     async def process(self, records: Sequence[Record]) -> BatchReport:
-        """Apply the batch. Raises only when the database or broker is unreachable (nothing committed).
-
-        Outcomes are counted only once the batch is written, so a batch re-applied after a failed write
-        is counted once.
-        """
+        """Apply the batch. Raises only when the database or broker is unreachable (nothing committed)."""
         report = BatchReport()
         failures: list[Failure] = []
-        outcomes: list[tuple[_Decoded, str]] = []
         decoded = self._decode(records, failures)
-        live = [d for d in decoded if d.change.op is not Op.TOMBSTONE]
-        outcomes += [(d, "ignored") for d in decoded if d.change.op is Op.TOMBSTONE]
+        truncates = [d for d in decoded if d.change.op is Op.TRUNCATE]
+        truncate = max(truncates, key=lambda d: d.change.position, default=None)
+        live = []
+        for d in decoded:
+            op = d.change.op
+            if op is Op.TOMBSTONE:
+                report.add(op.label, "ignored")
+            elif op is Op.TRUNCATE:
+                if d is not truncate:
+                    report.add(op.label, "superseded")
+            elif truncate is not None and d.change.position < truncate.change.position:
+                report.add(op.label, "superseded")  # the truncate later in the batch removes it
+            else:
+                live.append(d)
         winners, losers = collapse(d.change for d in live)
         by_change = {id(d.change): d for d in live}
-        outcomes += [(by_change[id(c)], "superseded") for c in losers]
+        for change in losers:
+            report.add(change.op.label, "superseded")
 
-        started = time.perf_counter()
-        stored = await self._sink.stored(list(winners))
-        lookups = [k for k, c in winners.items() if c.needs_text_lookup and not _older(c, stored.get(k))]
-        current = await self._sink.source_texts(lookups)
-        report.db_s += time.perf_counter() - started
-
-        batch = WriteBatch()
-        to_embed: list[tuple[_Decoded, str, bytes]] = []
-        for key, change in winners.items():
-            item = by_change[id(change)]
-            previous = stored.get(key)
-            if _older(change, previous):
-                outcomes.append((item, "superseded"))
-                continue
-            if change.is_delete:
-                batch.deletes.append((key, change.position, change.source_ts_ms))
-                outcomes.append((item, "deleted"))
-                continue
-            text = change.text if change.text is not None else current.get(key)
-            if text is None:  # the row is gone; its delete event follows
-                outcomes.append((item, "superseded"))
-                continue
-            if isinstance(text, EventError):
-                failures.append(self._failure(item.record, item.state, text.error_class, str(text)))
-                continue
-            digest = text_hash(self._embedder.name, text)
-            if previous is not None and not previous.deleted and previous.text_sha256 == digest:
-                batch.touches.append((key, change.position, change.source_ts_ms))
-                outcomes.append((item, "unchanged"))
-            else:
-                to_embed.append((item, text, digest))
-
-        if to_embed:
-            vectors, errors = await self._embed_all([t for _, t, _ in to_embed], report)
-            for index, (item, _, digest) in enumerate(to_embed):
-                vector = vectors[index]
-                if vector is None:
-                    failures.append(self._failure(item.record, item.state, *errors[index]))
-                    continue
-                change = item.change
-                batch.upserts.append((change.key, vector, digest, change.position, change.source_ts_ms))
-                outcomes.append((item, "embedded"))
-
-        started = time.perf_counter()
-        report.written_rows = await self._sink.write(batch)
-        report.db_s += time.perf_counter() - started
+        plans = await self._plan([by_change[id(c)] for c in winners.values()], report, failures)
+        landed = await self._write(plans, truncate.change.position if truncate else None, report, failures)
         committed_at = time.time()
-        for item, outcome in outcomes:
-            self._count(report, [item], outcome)
-            if outcome in WRITTEN and item.change.source_ts_ms is not None:
-                self._observe_freshness(item, committed_at, item.change.source_ts_ms / 1000)
+        for plan in plans:
+            outcome = plan.outcome if plan.write.key in landed else "superseded"
+            report.add(plan.item.change.op.label, outcome)
+            if outcome in WRITTEN:
+                self._freshness(plan.item, committed_at, report)
+        if truncate is not None:
+            report.add(truncate.change.op.label, "table_cleared")
+            self._freshness(truncate, committed_at, report)
         await self._route(failures, report)
         return report
 
@@ -169,26 +186,127 @@ class BatchProcessor:
         return report
 
     def _decode(self, records: Sequence[Record], failures: list[Failure]) -> list[_Decoded]:
-        s = self._settings
+        text_columns = self._settings.text_column_list
         decoded = []
         for record in records:
             state = RetryState.from_headers(
                 record.headers or (), Origin(record.topic, record.partition, record.offset)
             )
             try:
-                change = decode(
-                    record.key, record.value, state.origin, s.key_column, s.text_column_list, s.max_text_chars
-                )
+                change = decode(record.key, record.value, state.origin, self._key_columns, text_columns)
             except EventError as exc:
                 failures.append(self._failure(record, state, exc.error_class, str(exc)))
                 continue
             decoded.append(_Decoded(change, record, state))
         return decoded
 
+    async def _plan(self, items: list[_Decoded], report: BatchReport, failures: list[Failure]) -> list[_Plan]:
+        """Decide each winner's write from what the table holds: nothing, a touch, a vector to embed."""
+        model = self._embedder.name
+        started = time.perf_counter()
+        state = await self._sink.stored([i.change.key for i in items])
+        lookups = [
+            i.change.key for i in items if i.change.needs_text_lookup and _admitted(state, i.change, model)
+        ]
+        current = await self._sink.source_texts(lookups)
+        report.db_s += time.perf_counter() - started
+
+        plans: list[_Plan] = []
+        to_embed: list[tuple[_Decoded, str, bytes]] = []
+        for item in items:
+            change = item.change
+            if not _admitted(state, change, model):
+                report.add(change.op.label, "superseded")
+                continue
+            if change.is_delete:
+                plans.append(_Plan(item, _write(change, Kind.DELETED), "deleted"))
+                continue
+            text = change.text if change.text is not None else current.get(change.key)
+            if text is None:  # the row is gone; its delete event follows
+                report.add(change.op.label, "superseded")
+                continue
+            if isinstance(text, EventError):
+                failures.append(self._failure(item.record, item.state, text.error_class, str(text)))
+                continue
+            if not text or len(text) > self._settings.max_text_chars:
+                # A valid state of the row: the vector of a text it no longer has must go.
+                outcome = "no_text" if not text else "too_long"
+                if text:
+                    log.warning(
+                        "text over the limit: the row's vector is removed",
+                        key=list(change.key),
+                        chars=len(text),
+                        setting=f"CDC_MAX_TEXT_CHARS={self._settings.max_text_chars}",
+                    )
+                plans.append(_Plan(item, _write(change, Kind.CLEARED), outcome))
+                continue
+            digest = text_hash(model, text)
+            stored = state.rows.get(change.key)
+            if stored is not None and not stored.deleted and stored.text_sha256 == digest:
+                plans.append(_Plan(item, _write(change, Kind.TOUCH, digest), "unchanged", text))
+            else:
+                to_embed.append((item, text, digest))
+        return plans + await self._embed_plans(to_embed, report, failures)
+
+    async def _embed_plans(
+        self, to_embed: list[tuple[_Decoded, str, bytes]], report: BatchReport, failures: list[Failure]
+    ) -> list[_Plan]:
+        if not to_embed:
+            return []
+        vectors, errors = await self._embed_all([t for _, t, _ in to_embed], report)
+        plans = []
+        for index, (item, text, digest) in enumerate(to_embed):
+            vector = vectors[index]
+            if vector is None:
+                failures.append(self._failure(item.record, item.state, *errors[index]))
+                continue
+            plans.append(_Plan(item, _write(item.change, Kind.VECTOR, digest, vector), "embedded", text))
+        return plans
+
+    async def _write(
+        self, plans: list[_Plan], truncate_at: int | None, report: BatchReport, failures: list[Failure]
+    ) -> frozenset[Key]:
+        """Write the plans; returns the keys whose write landed.
+
+        A touch that did not land found the stored hash changed since it was read: another member wrote
+        the key meanwhile. Advancing the position over that text would leave a vector of another text
+        under this change's position, so the change is decided again on what is stored now, and embedded
+        if it still wins.
+        """
+        started = time.perf_counter()
+        result = await self._sink.write(WriteBatch([p.write for p in plans], truncate_at))
+        report.db_s += time.perf_counter() - started
+        report.written_rows += len(result.landed) + result.truncated_rows
+        if result.truncated_rows:
+            log.info("source table truncated: its vectors removed", rows=result.truncated_rows)
+        missed = [p for p in plans if p.write.kind is Kind.TOUCH and p.write.key not in result.landed]
+        if not missed:
+            return result.landed
+        state = await self._sink.stored([p.write.key for p in missed])
+        model = self._embedder.name
+        again = []
+        for plan in missed:
+            plans.remove(plan)
+            if plan.text is not None and _admitted(state, plan.item.change, model):
+                again.append((plan.item, plan.text, text_hash(model, plan.text)))
+            else:
+                report.add(plan.item.change.op.label, "superseded")
+        redone = await self._embed_plans(again, report, failures)
+        plans += redone
+        started = time.perf_counter()
+        second = await self._sink.write(WriteBatch([p.write for p in redone]))
+        report.db_s += time.perf_counter() - started
+        report.written_rows += len(second.landed)
+        return result.landed | second.landed
+
     async def _embed_all(
         self, texts: list[str], report: BatchReport
     ) -> tuple[list[Vector | None], dict[int, tuple[ErrorClass, str]]]:
-        """Embed the batch; if it fails, embed text by text so that only the failing ones are retried."""
+        """Embed the batch; if it fails, embed text by text so that only the failing ones are retried.
+
+        A model call past CDC_MODEL_TIMEOUT_S fails the whole batch at once: its thread cannot be
+        stopped, so calling it again text by text would only queue behind it.
+        """
         started = time.perf_counter()
         results: list[Vector | None] = []
         errors: dict[int, tuple[ErrorClass, str]] = {}
@@ -196,6 +314,9 @@ class BatchProcessor:
             embedding = await self._run_model(texts)
             results = list(embedding.vectors)
             self._account(embedding, report)
+        except TimeoutError as exc:
+            results = [None] * len(texts)
+            errors = dict.fromkeys(range(len(texts)), (ErrorClass.TIMEOUT, str(exc)))
         except Exception:
             for index, text in enumerate(texts):
                 try:
@@ -211,13 +332,28 @@ class BatchProcessor:
 
     async def _run_model(self, texts: list[str]) -> Embedding:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._embedder.embed, texts)
+        timeout = self._settings.model_timeout_s
+        try:
+            return await asyncio.wait_for(
+                loop.run_in_executor(self._executor, self._embedder.embed, texts), timeout
+            )
+        except TimeoutError:
+            self._on_model_stall()
+            raise TimeoutError(
+                f"the model took over {timeout:g} s for {len(texts)} texts (CDC_MODEL_TIMEOUT_S)"
+            ) from None
 
-    def _observe_freshness(self, item: _Decoded, committed_at: float, source_at: float) -> None:
-        metrics.END_TO_END_SECONDS.observe(max(committed_at - source_at, 0.0))
+    def _freshness(self, item: _Decoded, committed_at: float, report: BatchReport) -> None:
+        if item.change.source_ts_ms is None:
+            return
+        source_at = item.change.source_ts_ms / 1000
         # a retry record's timestamp is its republication, not its capture
-        if item.record.topic == self._settings.source_topic:
-            metrics.CAPTURE_SECONDS.observe(max(item.record.timestamp / 1000 - source_at, 0.0))
+        capture = (
+            max(item.record.timestamp / 1000 - source_at, 0.0)
+            if item.record.topic == self._settings.source_topic
+            else None
+        )
+        report.freshness.append((max(committed_at - source_at, 0.0), capture))
 
     @staticmethod
     def _account(embedding: Embedding, report: BatchReport) -> None:
@@ -236,20 +372,25 @@ class BatchProcessor:
         )
         for failure, route in routes:
             outcome = "dead_lettered" if route.dead_letter else "retried"
-            (metrics.DEAD_LETTERS if route.dead_letter else metrics.RETRIES).labels(
-                error_class=failure.error_class.value
-            ).inc()
-            metrics.count_event(failure.op, outcome)
-            report.outcomes[outcome] += 1
-        report.failures = routes
-
-    @staticmethod
-    def _count(report: BatchReport, items: Sequence[_Decoded], outcome: str) -> None:
-        for item in items:
-            metrics.count_event(item.change.op.label, outcome)
-            report.outcomes[outcome] += 1
+            report.add(failure.op, outcome)
+            (log.warning if route.dead_letter else log.info)(
+                "dead-lettered" if route.dead_letter else "retrying",
+                key=_printable(failure.record.key),
+                error_class=failure.error_class.value,
+                reason=failure.message[:500],
+                to=route.topic,
+                origin=failure.state.origin.as_log(),
+            )
+        report.failures += routes
 
 
-def _older(change: Change, stored: Stored | None) -> bool:
-    """True when the table already holds this change or a newer one of the key."""
-    return stored is not None and change.position <= stored.position
+def _write(change: Change, kind: Kind, digest: bytes | None = None, vector: Vector | None = None) -> Write:
+    return Write(change.key, kind, change.position, change.is_snapshot, change.source_ts_ms, digest, vector)
+
+
+def _admitted(state: State, change: Change, model: str) -> bool:
+    return state.admits(change.key, change.position, change.is_snapshot, model)
+
+
+def _printable(raw: bytes | None) -> str | None:
+    return None if raw is None else raw[:200].decode(errors="replace")

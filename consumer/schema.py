@@ -7,6 +7,7 @@ WAL position of the change that produced it, which is what makes writes idempote
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import psycopg
@@ -19,18 +20,30 @@ from consumer.settings import Settings, env_name
 log = get_logger("cdc_embedder.schema")
 # pgvector's HNSW build options when an index was created without WITH (...)
 HNSW_DEFAULTS = {"m": "16", "ef_construction": "64"}
+DEMO_KEY_COLUMN = "id"  # of the example table `documents` of the README, the demo, bench and tests
 
 
 class SchemaError(OperatorError):
     """The tables do not fit the configuration; the message names the setting to change."""
 
 
+# Key types whose text form (`col::text`) is exactly what Debezium's JSON carries (numbers, or strings
+# taken from Postgres' own output); timestamps arrive as epoch numbers and char(n) loses its padding.
+KEY_TYPES = re.compile(
+    r"^(smallint|integer|bigint|numeric(\(\d+(,\d+)?\))?|text|character varying(\(\d+\))?|uuid)$"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class TableInfo:
-    key_type: str  # SQL type of the source key, e.g. "bigint"
+    """The source table's primary key as the vector table copies it: column names and SQL types."""
 
-    def key_array(self) -> sql.Composable:
-        return sql.SQL(self.key_type + "[]")
+    key_columns: tuple[str, ...]
+    key_types: tuple[str, ...]  # e.g. ("uuid",), ("bigint", "text")
+
+    @property
+    def keys(self) -> list[tuple[str, str]]:
+        return list(zip(self.key_columns, self.key_types, strict=True))
 
 
 def _ident(schema: str, table: str) -> sql.Identifier:
@@ -50,6 +63,47 @@ async def _column_type(conn: psycopg.AsyncConnection, schema: str, table: str, c
     )
     row = await cur.fetchone()
     return str(row[0]) if row else None
+
+
+async def primary_key(conn: psycopg.AsyncConnection, schema: str, table: str) -> list[str]:
+    """The primary key columns of a table, in key order ([] without one or without the table)."""
+    cur = await conn.execute(
+        """
+        SELECT a.attname FROM pg_index i
+        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+        WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND i.indisprimary
+        ORDER BY k.n
+        """,
+        (schema, table),
+    )
+    return [str(row[0]) for row in await cur.fetchall()]
+
+
+async def source_key(conn: psycopg.AsyncConnection, settings: Settings) -> TableInfo:
+    """The key the vector table copies: the configured columns, else the source's primary key."""
+    schema, table = settings.source
+    columns = settings.key_column_list or tuple(await primary_key(conn, schema, table))
+    if not columns:
+        raise SchemaError(
+            f"source table {settings.source_table} has no primary key (or does not exist): set "
+            f"{env_name('source_table')}, or {env_name('key_columns')} to Debezium's message key columns"
+        )
+    types = []
+    for column in columns:
+        key_type = await _column_type(conn, schema, table, column)
+        if key_type is None:
+            raise SchemaError(
+                f"source table {settings.source_table} has no column {column!r}: "
+                f"set {env_name('key_columns')}"
+            )
+        if not KEY_TYPES.match(key_type):
+            raise SchemaError(
+                f"key column {settings.source_table}.{column} is {key_type}; keys must be integers, numeric, "
+                f"text, varchar or uuid: set {env_name('key_columns')} to such a unique column"
+            )
+        types.append(key_type)
+    return TableInfo(tuple(columns), tuple(types))
 
 
 async def hnsw_options(conn: psycopg.AsyncConnection, schema: str, table: str) -> list[dict[str, str]]:
@@ -86,12 +140,7 @@ async def _check_index_options(conn: psycopg.AsyncConnection, settings: Settings
 async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings, dimension: int) -> TableInfo:
     """Create the vector table if missing; fail if the source or an existing vector table does not fit."""
     schema, table = settings.source
-    key_type = await _column_type(conn, schema, table, settings.key_column)
-    if key_type is None:
-        raise SchemaError(
-            f"source table {settings.source_table} has no column {settings.key_column!r} "
-            f"(or does not exist): set {env_name('source_table')} and {env_name('key_column')}"
-        )
+    info = await source_key(conn, settings)
     for column in settings.text_column_list:
         if await _column_type(conn, schema, table, column) is None:
             raise SchemaError(
@@ -101,35 +150,31 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
     vschema, vtable = settings.target
     existing = await _column_type(conn, vschema, vtable, "embedding")
     if existing is not None:
-        # No DDL when the table exists: the consumer's role may (and should) lack CREATE on the schema.
-        if existing != f"vector({dimension})":
-            raise SchemaError(
-                f"{settings.vector_table}.embedding is {existing} but model {settings.model!r} gives "
-                f"vector({dimension}): set {env_name('vector_table')} to a new table or {env_name('model')} "
-                f"to a model of that dimension"
-            )
-        await _check_index_options(conn, settings)
-        return TableInfo(key_type=key_type)
+        await _check_existing(conn, settings, info, existing, dimension)
+        return info
     await conn.execute("CREATE EXTENSION IF NOT EXISTS vector")
-    key = sql.Identifier(settings.key_column)
     await conn.execute(
         sql.SQL(
             """
             CREATE TABLE IF NOT EXISTS {table} (
-                {key} {key_type} PRIMARY KEY,
+                {keys},
                 embedding vector({dimension}),
                 model text,
                 text_sha256 bytea,
                 source_lsn bigint NOT NULL,
                 source_ts timestamptz,
                 deleted boolean NOT NULL DEFAULT false,
-                updated_at timestamptz NOT NULL DEFAULT clock_timestamp()
+                snapshot boolean NOT NULL DEFAULT false,
+                updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+                PRIMARY KEY ({key_names})
             )
             """
         ).format(
             table=_ident(vschema, vtable),
-            key=key,
-            key_type=sql.SQL(key_type),
+            keys=sql.SQL(", ").join(
+                sql.SQL("{} {} NOT NULL").format(sql.Identifier(c), sql.SQL(t)) for c, t in info.keys
+            ),
+            key_names=sql.SQL(", ").join(map(sql.Identifier, info.key_columns)),
             dimension=sql.Literal(dimension),
         )
     )
@@ -145,7 +190,45 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
         )
     )
     await conn.commit()
-    return TableInfo(key_type=key_type)
+    return info
+
+
+async def _check_existing(
+    conn: psycopg.AsyncConnection, settings: Settings, info: TableInfo, embedding: str, dimension: int
+) -> None:
+    """An existing vector table must fit the model and the source key.
+
+    No DDL here but one column that tables of older versions lack: the consumer's role may (and
+    should) lack CREATE on the schema.
+    """
+    vschema, vtable = settings.target
+    if embedding != f"vector({dimension})":
+        raise SchemaError(
+            f"{settings.vector_table}.embedding is {embedding} but model {settings.model!r} gives "
+            f"vector({dimension}): set {env_name('vector_table')} to a new table or {env_name('model')} "
+            f"to a model of that dimension"
+        )
+    vector_key = await primary_key(conn, vschema, vtable)
+    vector_types = [await _column_type(conn, vschema, vtable, c) for c in vector_key]
+    if (tuple(vector_key), tuple(vector_types)) != (info.key_columns, info.key_types):
+        raise SchemaError(
+            f"{settings.vector_table} is keyed by {list(zip(vector_key, vector_types, strict=True))} but "
+            f"{settings.source_table} by {info.keys}: set {env_name('vector_table')} to a new table"
+        )
+    if await _column_type(conn, vschema, vtable, "snapshot") is None:
+        add = sql.SQL("ALTER TABLE {} ADD COLUMN snapshot boolean NOT NULL DEFAULT false").format(
+            _ident(vschema, vtable)
+        )
+        try:
+            await conn.execute(add)
+            await conn.commit()
+        except psycopg.errors.InsufficientPrivilege:
+            await conn.rollback()
+            raise SchemaError(
+                f"{settings.vector_table} predates the snapshot column; as its owner run: "
+                f"{add.as_string(conn)}"
+            ) from None
+    await _check_index_options(conn, settings)
 
 
 async def create_demo_source_table(
@@ -167,7 +250,7 @@ async def create_demo_source_table(
                 updated_at timestamptz NOT NULL DEFAULT now()
             )
             """
-        ).format(table=_ident(schema, table), key=sql.Identifier(settings.key_column))
+        ).format(table=_ident(schema, table), key=sql.Identifier(DEMO_KEY_COLUMN))
     )
     cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
     if await cur.fetchone() is None:

@@ -8,12 +8,13 @@ from typing import Any
 from psycopg import AsyncConnection, sql
 
 from consumer.embedder import Embedder
+from consumer.schema import source_key
 from consumer.settings import Settings
 
 
 @dataclass(frozen=True, slots=True)
 class Hit:
-    key: Any
+    key: tuple[Any, ...]
     similarity: float  # cosine similarity, 1 is identical
     preview: str
 
@@ -21,22 +22,32 @@ class Hit:
 async def search(
     conn: AsyncConnection[Any], settings: Settings, embedder: Embedder, query: str, k: int
 ) -> list[Hit]:
-    """The k nearest rows by cosine distance, through the HNSW index; `conn` speaks pgvector."""
+    """The k nearest rows by cosine distance, through the HNSW index; `conn` speaks pgvector.
+
+    Only vectors of the query's model are compared: a table may hold rows of an earlier model while
+    they are re-embedded (CDC_ON_MODEL_CHANGE=reembed), and distances across models mean nothing.
+    """
+    info = await source_key(conn, settings)
     vector = embedder.embed([query]).vectors[0]
-    key = sql.Identifier(settings.key_column)
+    keys = [sql.Identifier(c) for c in info.key_columns]
     statement = sql.SQL(
         """
-        SELECT v.{key}, 1 - (v.embedding <=> %(q)s) AS similarity, left(s.{preview}, 120)
-        FROM {vt} v LEFT JOIN {st} s ON s.{key} = v.{key}
-        WHERE v.embedding IS NOT NULL
+        SELECT {v_keys}, 1 - (v.embedding <=> %(q)s) AS similarity, left(s.{preview}, 120)
+        FROM {vt} v LEFT JOIN {st} s ON {join}
+        WHERE v.embedding IS NOT NULL AND v.model = %(model)s
         ORDER BY v.embedding <=> %(q)s
         LIMIT %(k)s
         """
     ).format(
-        key=key,
+        v_keys=sql.SQL(", ").join(sql.SQL("v.{}").format(c) for c in keys),
+        join=sql.SQL(" AND ").join(sql.SQL("s.{0} = v.{0}").format(c) for c in keys),
         preview=sql.Identifier(settings.text_column_list[0]),
         vt=sql.Identifier(*settings.target),
         st=sql.Identifier(*settings.source),
     )
-    cur = await conn.execute(statement, {"q": vector, "k": k})
-    return [Hit(row[0], float(row[1]), (row[2] or "").replace("\n", " ")) for row in await cur.fetchall()]
+    cur = await conn.execute(statement, {"q": vector, "k": k, "model": embedder.name})
+    n = len(keys)
+    return [
+        Hit(tuple(row[:n]), float(row[n]), (row[n + 1] or "").replace("\n", " "))
+        for row in await cur.fetchall()
+    ]

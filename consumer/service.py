@@ -25,6 +25,7 @@ from consumer.pipeline import BatchProcessor
 from consumer.schema import ensure_vector_table
 from consumer.settings import Settings
 from consumer.sink import PgVectorSink, open_pool
+from consumer.targets import ensure_target_state
 
 log = get_logger("cdc_embedder.service")
 
@@ -59,6 +60,7 @@ async def run_service(
         try:
             async with pool.connection() as conn:
                 info = await ensure_vector_table(conn, settings, embedder.dimension)
+                await ensure_target_state(conn, settings, embedder.name, embedder.dimension)
             await ensure_topics(settings)
             sink = PgVectorSink(pool, settings, info)
             producer = make_producer(settings, transactional=True)
@@ -69,7 +71,9 @@ async def run_service(
             except (KafkaError, OSError) as exc:
                 raise unreachable(settings, exc) from exc
             try:
-                processor = BatchProcessor(settings, embedder, sink, KafkaPublisher(producer), executor)
+                processor = BatchProcessor(
+                    settings, embedder, sink, KafkaPublisher(producer), executor, info.key_columns
+                )
                 consumer = EmbeddingConsumer(settings, kafka, producer, processor, sink, health)
                 health.started = health.database_ok = True
                 log.info("started", dimension=embedder.dimension, vector_table=settings.vector_table)

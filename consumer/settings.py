@@ -51,7 +51,10 @@ class Settings(BaseSettings):
 
     # --- Source and target tables ---------------------------------------------------------------
     source_table: str = "public.documents"
-    key_column: str = "id"
+    key_columns: str | None = Field(
+        default=None, description="Comma-separated primary key columns. Unset: the source's primary key."
+    )
+    key_column: str | None = Field(default=None, description="One key column (older name of key_columns).")
     text_columns: str = Field(default="title,body", description="Comma-separated columns joined to the text.")
     vector_table: str = "public.document_embeddings"
     # pgvector's defaults. Each new row costs the database an HNSW insert, so lower values write faster
@@ -86,7 +89,16 @@ class Settings(BaseSettings):
     embed_token_budget: int = Field(
         default=1024, ge=0, description="Padded tokens per forward pass (length-sorted); 0: one batch."
     )
-    max_text_chars: int = Field(default=200_000, ge=1, description="Longer texts are dead-lettered.")
+    max_text_chars: int = Field(
+        default=200_000, ge=1, description="Longer texts are not embedded: the row's vector is removed."
+    )
+    model_timeout_s: float = Field(
+        default=300.0, gt=0, description="A model call taking longer fails its batch (retried) and liveness."
+    )
+    on_model_change: Literal["refuse", "reembed"] = Field(
+        default="refuse",
+        description="A vector table of another model: refuse to start, or re-embed rows as they change.",
+    )
 
     # --- Batching -------------------------------------------------------------------------------
     batch_max_events: int = Field(default=64, ge=1)
@@ -124,14 +136,16 @@ class Settings(BaseSettings):
 
     @field_validator("key_column")
     @classmethod
-    def _identifier(cls, value: str) -> str:
-        if not _IDENTIFIER.match(value):
+    def _identifier(cls, value: str | None) -> str | None:
+        if value is not None and not _IDENTIFIER.match(value):
             raise ValueError(f"{value!r} is not a column name")
         return value
 
-    @field_validator("text_columns")
+    @field_validator("text_columns", "key_columns")
     @classmethod
-    def _identifiers(cls, value: str) -> str:
+    def _identifiers(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         columns = [c.strip() for c in value.split(",") if c.strip()]
         if not columns or not all(_IDENTIFIER.match(c) for c in columns):
             raise ValueError(f"{value!r} is not a comma-separated list of column names")
@@ -152,6 +166,8 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{env_name('hnsw_ef_construction')} must be at least twice {env_name('hnsw_m')}"
             )
+        if self.key_columns and self.key_column and self.key_columns != self.key_column:
+            raise ValueError(f"set {env_name('key_columns')} or {env_name('key_column')}, not both")
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ValueError(
                 f"{env_name('retry_backoff_initial_s')} must not exceed {env_name('retry_backoff_max_s')}"
@@ -200,6 +216,12 @@ class Settings(BaseSettings):
     @cached_property
     def text_column_list(self) -> tuple[str, ...]:
         return tuple(self.text_columns.split(","))
+
+    @cached_property
+    def key_column_list(self) -> tuple[str, ...] | None:
+        """The configured key columns; None: the source table's primary key, read at start."""
+        configured = self.key_columns or self.key_column
+        return tuple(configured.split(",")) if configured else None
 
     @cached_property
     def source_topic(self) -> str:

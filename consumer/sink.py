@@ -1,8 +1,14 @@
-"""Writing vectors to pgvector: one round trip per batch, idempotent and ordered by WAL position.
+"""Writing vectors to pgvector: one transaction per batch, idempotent and ordered by WAL position.
 
-Every write carries the source position of its change and only lands where it is newer than what the
-row holds, so a replayed or late event changes nothing, and a delete leaves a tombstone (no vector, its
-position kept) that an older create or update cannot bring back.
+Every write carries the source position of its change and the guard in SQL (`guard`) decides whether
+it lands, so a replayed or late event changes nothing, and a delete leaves a tombstone (no vector, its
+position kept) that an older create or update cannot bring back. The guard runs in the database, not
+only in the decision before it, because another member may write the same key in between (a source
+partition and its retry partition are consumed by different members).
+
+Snapshot rows and streamed changes are not ordered by LSN (`consumer.events.supersedes`): a snapshot
+row only fills a key that has no row yet (or one another snapshot wrote, at an older position, or one
+of another model), and any streamed change wins over a row a snapshot wrote.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from enum import StrEnum
 from typing import Any, Protocol
 
 import numpy as np
@@ -19,9 +26,10 @@ from psycopg import AsyncConnection, sql
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.errors import EventError
-from consumer.events import Key, join_text
+from consumer.events import Key, join_text, supersedes
 from consumer.schema import TableInfo
 from consumer.settings import Settings
+from consumer.targets import state_table, target_name
 
 
 def text_hash(model: str, text: str) -> bytes:
@@ -38,26 +46,88 @@ class Stored:
     text_sha256: bytes | None
     position: int
     deleted: bool
+    snapshot: bool = False  # written by a snapshot row, not by a streamed change
+    model: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """What the vector table holds for some keys, and the position of the source's last TRUNCATE."""
+
+    rows: dict[Key, Stored] = field(default_factory=dict)
+    truncated_at: int = 0
+
+    def admits(self, key: Key, position: int, snapshot: bool, model: str) -> bool:
+        """Whether a change of `key` at `position` would land: the guard, as the decision sees it."""
+        return position > self.truncated_at and admits(self.rows.get(key), position, snapshot, model)
+
+
+def admits(stored: Stored | None, position: int, snapshot: bool, model: str) -> bool:
+    """`guard` in Python: does a change (streamed, or a snapshot row) replace what is stored?
+
+    A snapshot row never revives a deleted row (the delete may have come after the read), and it
+    replaces a vector of another model whatever its position: that vector is of no use to search.
+    """
+    if stored is None:
+        return True
+    if snapshot and stored.deleted:
+        return False
+    if snapshot and stored.model != model:
+        return True
+    return supersedes(position, snapshot, stored.position, stored.snapshot)
+
+
+def guard(incoming: str, position: str) -> sql.Composable:
+    """`admits` in SQL, of the stored row `t` and an incoming row (its position column named apart)."""
+    e, lsn = sql.Identifier(incoming), sql.Identifier(incoming, position)
+    return sql.SQL(
+        """CASE WHEN {e}.snapshot
+        THEN NOT t.deleted AND ((t.snapshot AND {lsn} > t.source_lsn) OR t.model IS DISTINCT FROM {e}.model)
+        ELSE t.snapshot OR {lsn} > t.source_lsn END"""
+    ).format(e=e, lsn=lsn)
+
+
+class Kind(StrEnum):
+    VECTOR = "vector"  # a new vector for new text
+    CLEARED = "cleared"  # the row exists but has no text to embed: no vector
+    DELETED = "deleted"  # the row is gone: a tombstone
+    TOUCH = "touch"  # same text as stored: only the position advances, if the stored hash still matches
+
+
+@dataclass(frozen=True, slots=True)
+class Write:
+    key: Key
+    kind: Kind
+    position: int
+    snapshot: bool
+    source_ts_ms: int | None
+    digest: bytes | None = None  # VECTOR: hash of its text; TOUCH: the hash the decision saw stored
+    vector: np.ndarray[Any, Any] | None = None
 
 
 @dataclass(slots=True)
 class WriteBatch:
-    """Rows to write; each key appears at most once across the three lists."""
+    """Rows to write, each key at most once, and the position of a TRUNCATE to apply first."""
 
-    upserts: list[tuple[Key, np.ndarray[Any, Any], bytes, int, int | None]] = field(default_factory=list)
-    deletes: list[tuple[Key, int, int | None]] = field(default_factory=list)
-    touches: list[tuple[Key, int, int | None]] = field(default_factory=list)  # same text, newer position
+    rows: list[Write] = field(default_factory=list)
+    truncate_at: int | None = None
 
     def __len__(self) -> int:
-        return len(self.upserts) + len(self.deletes) + len(self.touches)
+        return len(self.rows) + (self.truncate_at is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    landed: frozenset[Key]  # keys whose write the guard let through
+    truncated_rows: int = 0
 
 
 class Sink(Protocol):
-    async def stored(self, keys: Sequence[Key]) -> dict[Key, Stored]: ...
+    async def stored(self, keys: Sequence[Key]) -> State: ...
 
     async def source_texts(self, keys: Sequence[Key]) -> dict[Key, str | EventError]: ...
 
-    async def write(self, batch: WriteBatch) -> int: ...
+    async def write(self, batch: WriteBatch) -> WriteResult: ...
 
     async def ping(self) -> None: ...
 
@@ -65,53 +135,29 @@ class Sink(Protocol):
 class PgVectorSink:
     def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], settings: Settings, info: TableInfo):
         self._pool = pool
-        self._settings = settings
         self._model = settings.model
-        vschema, vtable = settings.target
-        sschema, stable = settings.source
-        key = sql.Identifier(settings.key_column)
-        keys = info.key_array()
-        vt = sql.Identifier(vschema, vtable)
-        self._stored_sql = sql.SQL(
-            "SELECT {key}, text_sha256, source_lsn, deleted FROM {vt} WHERE {key} = ANY(%s::{keys})"
-        ).format(key=key, vt=vt, keys=keys)
-        self._texts_sql = sql.SQL("SELECT {key}, {cols} FROM {st} WHERE {key} = ANY(%s::{keys})").format(
-            key=key,
-            cols=sql.SQL(", ").join(sql.Identifier(c) for c in settings.text_column_list),
-            st=sql.Identifier(sschema, stable),
-            keys=keys,
-        )
-        self._write_sql = sql.SQL(
-            """
-            WITH touched AS (
-                UPDATE {vt} AS t SET source_lsn = u.lsn, source_ts = u.ts, updated_at = clock_timestamp()
-                FROM unnest(%(t_keys)s::{keys}, %(t_lsns)s::bigint[], %(t_ts)s::timestamptz[])
-                     AS u(k, lsn, ts)
-                WHERE t.{key} = u.k AND u.lsn > t.source_lsn
-                RETURNING 1
-            ), written AS (
-                INSERT INTO {vt} AS t ({key}, embedding, model, text_sha256, source_lsn, source_ts, deleted)
-                SELECT * FROM unnest(%(keys)s::{keys}, %(vectors)s::vector[], %(models)s::text[],
-                                     %(hashes)s::bytea[], %(lsns)s::bigint[], %(ts)s::timestamptz[],
-                                     %(deleted)s::boolean[])
-                ON CONFLICT ({key}) DO UPDATE SET
-                    embedding = excluded.embedding, model = excluded.model,
-                    text_sha256 = excluded.text_sha256, source_lsn = excluded.source_lsn,
-                    source_ts = excluded.source_ts, deleted = excluded.deleted,
-                    updated_at = clock_timestamp()
-                WHERE excluded.source_lsn > t.source_lsn
-                RETURNING 1
-            )
-            SELECT (SELECT count(*) FROM touched) + (SELECT count(*) FROM written)
-            """
-        ).format(vt=vt, key=key, keys=keys)
+        self._text_columns = settings.text_column_list
+        self._target = target_name(settings)
+        self._arity = len(info.key_columns)
+        self._sql = _Statements(settings, info)
 
-    async def stored(self, keys: Sequence[Key]) -> dict[Key, Stored]:
-        if not keys:
-            return {}
+    def _key_params(self, prefix: str, keys: Sequence[Key]) -> dict[str, list[str]]:
+        columns = list(zip(*keys, strict=True)) if keys else [()] * self._arity
+        return {f"{prefix}{i}": list(values) for i, values in enumerate(columns)}
+
+    async def stored(self, keys: Sequence[Key]) -> State:
         async with self._pool.connection() as conn:
-            cur = await conn.execute(self._stored_sql, (list(keys),))
-            return {row[0]: Stored(row[1], row[2], row[3]) for row in await cur.fetchall()}
+            cur = await conn.execute(
+                self._sql.stored, {"target": self._target, **self._key_params("k", keys)}
+            )
+            rows = await cur.fetchall()
+        truncated_at = int(rows[0][0]) if rows else 0
+        found = {
+            tuple(row[1 : 1 + self._arity]): Stored(*row[1 + self._arity :])
+            for row in rows
+            if row[1] is not None
+        }
+        return State(found, truncated_at)
 
     async def source_texts(self, keys: Sequence[Key]) -> dict[Key, str | EventError]:
         """Current text of rows whose change event left a TOASTed text column out.
@@ -120,45 +166,179 @@ class PgVectorSink:
         """
         if not keys:
             return {}
-        columns = self._settings.text_column_list
+        columns = self._text_columns
         async with self._pool.connection() as conn:
-            cur = await conn.execute(self._texts_sql, (list(keys),))
+            cur = await conn.execute(self._sql.texts, self._key_params("k", keys))
             found: dict[Key, str | EventError] = {}
-            for key, *values in await cur.fetchall():
+            for row in await cur.fetchall():
+                key, values = tuple(row[: self._arity]), row[self._arity :]
                 try:
                     found[key] = join_text(dict(zip(columns, values, strict=True)), columns) or ""
                 except EventError as exc:
                     found[key] = exc
             return found
 
-    async def write(self, batch: WriteBatch) -> int:
-        """Apply the batch in one statement; returns how many rows it changed (older changes don't)."""
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        """Apply the batch in one transaction; returns the keys whose write landed."""
         if not len(batch):
-            return 0
-        rows: list[tuple[object, ...]] = [
-            (k, v, self._model, h, p, source_time(ts), False) for k, v, h, p, ts in batch.upserts
-        ]
-        rows += [(k, None, None, None, p, source_time(ts), True) for k, p, ts in batch.deletes]
-        columns = list(zip(*rows, strict=True)) if rows else [()] * 7
-        params = {
-            "t_keys": [k for k, _, _ in batch.touches],
-            "t_lsns": [p for _, p, _ in batch.touches],
-            "t_ts": [source_time(ts) for _, _, ts in batch.touches],
-            **{
-                name: list(values)
-                for name, values in zip(
-                    ("keys", "vectors", "models", "hashes", "lsns", "ts", "deleted"), columns, strict=True
-                )
-            },
+            return WriteResult(frozenset())
+        touches = [w for w in batch.rows if w.kind is Kind.TOUCH]
+        rows = [w for w in batch.rows if w.kind is not Kind.TOUCH]
+        params: dict[str, Any] = {
+            "target": self._target,
+            "model": self._model,
+            **self._key_params("t", [w.key for w in touches]),
+            "t_hashes": [w.digest for w in touches],
+            "t_lsns": [w.position for w in touches],
+            "t_ts": [source_time(w.source_ts_ms) for w in touches],
+            "t_snapshots": [w.snapshot for w in touches],
+            **self._key_params("k", [w.key for w in rows]),
+            "vectors": [w.vector for w in rows],
+            "models": [None if w.kind is Kind.DELETED else self._model for w in rows],
+            "hashes": [w.digest if w.kind is Kind.VECTOR else None for w in rows],
+            "lsns": [w.position for w in rows],
+            "ts": [source_time(w.source_ts_ms) for w in rows],
+            "deleted": [w.kind is Kind.DELETED for w in rows],
+            "snapshots": [w.snapshot for w in rows],
         }
-        async with self._pool.connection() as conn:
-            cur = await conn.execute(self._write_sql, params)
-            row = await cur.fetchone()
-            return int(row[0]) if row else 0
+        truncated = 0
+        async with self._pool.connection() as conn, conn.transaction():
+            if batch.truncate_at is not None:
+                # exclusive: no write of this table may read the old floor while the table is emptied
+                await conn.execute(self._sql.lock_exclusive, {"target": self._target})
+                cur = await conn.execute(
+                    self._sql.truncate, {"target": self._target, "at": batch.truncate_at}
+                )
+                truncated = cur.rowcount
+            else:
+                await conn.execute(self._sql.lock_shared, {"target": self._target})
+            cur = await conn.execute(self._sql.write, params)
+            landed = frozenset(tuple(row) for row in await cur.fetchall())
+        return WriteResult(landed, truncated)
 
     async def ping(self) -> None:
         async with self._pool.connection() as conn:
             await conn.execute("SELECT 1")
+
+
+class _Statements:
+    """The sink's SQL for one vector table and its source's key (any number of columns, any key type)."""
+
+    def __init__(self, settings: Settings, info: TableInfo) -> None:
+        vt, st, state = (
+            sql.Identifier(*settings.target),
+            sql.Identifier(*settings.source),
+            state_table(settings),
+        )
+        names = [sql.Identifier(c) for c in info.key_columns]
+        types = [sql.SQL(t) for t in info.key_types]
+        n = len(names)
+
+        def unnest_keys(prefix: str) -> sql.Composable:
+            return sql.SQL(", ").join(sql.Placeholder(f"{prefix}{i}") + sql.SQL("::text[]") for i in range(n))
+
+        def key_aliases() -> sql.Composable:
+            return sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(n))
+
+        def key_match(table: str) -> sql.Composable:
+            return sql.SQL(" AND ").join(
+                sql.SQL("{}.{} = u.{}::{}").format(sql.Identifier(table), name, sql.Identifier(f"k{i}"), kt)
+                for i, (name, kt) in enumerate(zip(names, types, strict=True))
+            )
+
+        def key_text(table: str) -> sql.Composable:
+            return sql.SQL(", ").join(sql.SQL("{}.{}::text").format(sql.Identifier(table), c) for c in names)
+
+        floor = sql.SQL("(SELECT truncated_lsn FROM {} WHERE vector_table = %(target)s)").format(state)
+        lock = "SELECT pg_advisory_xact_lock{}(hashtextextended(%(target)s, 0))"
+        self.lock_shared = sql.SQL(lock.format("_shared"))
+        self.lock_exclusive = sql.SQL(lock.format(""))
+        self.truncate = sql.SQL(
+            """
+            WITH floor AS (
+                UPDATE {state} SET truncated_lsn = greatest(truncated_lsn, %(at)s),
+                    updated_at = clock_timestamp()
+                WHERE vector_table = %(target)s
+            )
+            DELETE FROM {vt} WHERE source_lsn < %(at)s
+            """
+        ).format(state=state, vt=vt)
+        self.stored = sql.SQL(
+            """
+            SELECT s.truncated_lsn, {keys}, t.text_sha256, t.source_lsn, t.deleted, t.snapshot, t.model
+            FROM {state} s LEFT JOIN ({vt} t JOIN unnest({unnest}) AS u({aliases}) ON {match}) ON true
+            WHERE s.vector_table = %(target)s
+            """
+        ).format(
+            keys=key_text("t"),
+            state=state,
+            vt=vt,
+            unnest=unnest_keys("k"),
+            aliases=key_aliases(),
+            match=key_match("t"),
+        )
+        self.texts = sql.SQL(
+            "SELECT {keys}, {cols} FROM {st} s JOIN unnest({unnest}) AS u({aliases}) ON {match}"
+        ).format(
+            keys=key_text("s"),
+            cols=sql.SQL(", ").join(
+                sql.SQL("s.{}").format(sql.Identifier(c)) for c in settings.text_column_list
+            ),
+            st=st,
+            unnest=unnest_keys("k"),
+            aliases=key_aliases(),
+            match=key_match("s"),
+        )
+        self.write = sql.SQL(
+            """
+            WITH touched AS (
+                UPDATE {vt} AS t SET source_lsn = e.lsn, source_ts = e.ts, snapshot = e.snapshot,
+                    updated_at = clock_timestamp()
+                FROM (
+                    SELECT u.*, %(model)s::text AS model FROM unnest({t_unnest}, %(t_hashes)s::bytea[],
+                        %(t_lsns)s::bigint[], %(t_ts)s::timestamptz[], %(t_snapshots)s::boolean[])
+                        AS u({aliases}, hash, lsn, ts, snapshot)
+                ) AS e
+                WHERE {t_match} AND t.text_sha256 = e.hash AND NOT t.deleted AND t.model = e.model
+                    AND e.lsn > {floor} AND {touch_guard}
+                RETURNING {t_keys}
+            ), written AS (
+                INSERT INTO {vt} AS t ({names}, embedding, model, text_sha256, source_lsn, source_ts, deleted,
+                                       snapshot)
+                SELECT {casts}, u.embedding, u.model, u.hash, u.lsn, u.ts, u.deleted, u.snapshot
+                FROM unnest({k_unnest}, %(vectors)s::vector[], %(models)s::text[], %(hashes)s::bytea[],
+                            %(lsns)s::bigint[], %(ts)s::timestamptz[], %(deleted)s::boolean[],
+                            %(snapshots)s::boolean[])
+                     AS u({aliases}, embedding, model, hash, lsn, ts, deleted, snapshot)
+                WHERE u.lsn > {floor}
+                ON CONFLICT ({names}) DO UPDATE SET
+                    embedding = excluded.embedding, model = excluded.model,
+                    text_sha256 = excluded.text_sha256, source_lsn = excluded.source_lsn,
+                    source_ts = excluded.source_ts, deleted = excluded.deleted, snapshot = excluded.snapshot,
+                    updated_at = clock_timestamp()
+                WHERE {upsert_guard}
+                RETURNING {t_keys}
+            )
+            SELECT * FROM touched UNION ALL SELECT * FROM written
+            """
+        ).format(
+            vt=vt,
+            t_unnest=unnest_keys("t"),
+            k_unnest=unnest_keys("k"),
+            aliases=key_aliases(),
+            t_match=sql.SQL(" AND ").join(
+                sql.SQL("t.{} = e.{}::{}").format(name, sql.Identifier(f"k{i}"), kt)
+                for i, (name, kt) in enumerate(zip(names, types, strict=True))
+            ),
+            floor=floor,
+            touch_guard=guard("e", "lsn"),
+            t_keys=key_text("t"),
+            names=sql.SQL(", ").join(names),
+            casts=sql.SQL(", ").join(
+                sql.SQL("u.{}::{}").format(sql.Identifier(f"k{i}"), kt) for i, kt in enumerate(types)
+            ),
+            upsert_guard=guard("excluded", "source_lsn"),  # ON CONFLICT's name for the incoming row
+        )
 
 
 def open_pool(settings: Settings, min_size: int = 1) -> AsyncConnectionPool[AsyncConnection[Any]]:

@@ -13,6 +13,7 @@ from psycopg import sql
 
 from consumer.bench.flops import summary
 from consumer.bench.pipeline import vector_count
+from consumer.schema import DEMO_KEY_COLUMN
 from consumer.settings import Settings
 
 Say = Callable[[str], None]
@@ -73,7 +74,7 @@ def bulk_throughput(
     found = conn.execute(
         sql.SQL(
             "SELECT extract(epoch FROM max(updated_at))::float8 FROM {} WHERE {key} >= %s AND {key} < %s"
-        ).format(sql.Identifier(*settings.target), key=sql.Identifier(settings.key_column)),
+        ).format(sql.Identifier(*settings.target), key=sql.Identifier(DEMO_KEY_COLUMN)),
         (low, high),
     ).fetchone()
     conn.commit()
@@ -132,7 +133,7 @@ def steady_load(
             "extract(epoch FROM (v.updated_at - d.updated_at))::float8 "
             "FROM public.documents d JOIN {} v ON v.{key} = d.id "
             "WHERE d.id >= %s AND d.id < %s ORDER BY d.id"
-        ).format(sql.Identifier(*settings.target), key=sql.Identifier(settings.key_column)),
+        ).format(sql.Identifier(*settings.target), key=sql.Identifier(DEMO_KEY_COLUMN)),
         (low, high),
     ).fetchall()
     conn.commit()

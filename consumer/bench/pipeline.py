@@ -12,6 +12,7 @@ import psycopg
 from psycopg import sql
 
 from consumer.consumer_process import Samples, wait_until
+from consumer.schema import DEMO_KEY_COLUMN
 from consumer.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,7 +75,7 @@ def set_connector_paused(settings: Settings, name: str, paused: bool, timeout_s:
 def vector_count(conn: psycopg.Connection[Any], settings: Settings, low: int, high: int) -> int:
     row = conn.execute(
         sql.SQL("SELECT count(*) FROM {} WHERE {key} >= %s AND {key} < %s AND embedding IS NOT NULL").format(
-            sql.Identifier(*settings.target), key=sql.Identifier(settings.key_column)
+            sql.Identifier(*settings.target), key=sql.Identifier(DEMO_KEY_COLUMN)
         ),
         (low, high),
     ).fetchone()

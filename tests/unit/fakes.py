@@ -14,7 +14,7 @@ from consumer.embedder import Embedding
 from consumer.errors import EventError
 from consumer.events import Key, join_text
 from consumer.retry import Headers
-from consumer.sink import Stored, WriteBatch
+from consumer.sink import Kind, State, Stored, Write, WriteBatch, WriteResult, admits
 from tests.unit.debezium_events import source_block
 
 SOURCE_TOPIC = "cdc.public.documents"
@@ -62,27 +62,42 @@ class FakeEmbedder:
         return Embedding(vectors, tokens=sum(len(t.split()) for t in texts), truncated=0)
 
 
+def k(*parts: int | str) -> Key:
+    """A key as the pipeline holds it: the text of each key column."""
+    return tuple(str(part) for part in parts)
+
+
 @dataclass
 class Row:
     vector: np.ndarray[Any, Any] | None
     text_sha256: bytes | None
     position: int
     deleted: bool
+    snapshot: bool = False
+    model: str | None = None
 
 
 @dataclass
 class FakeSink:
-    """The vector table in memory, with the SQL's rule: a write lands only on a newer position."""
+    """The vector table in memory. Its rule is `consumer.sink.admits`; the sink contract tests
+    (tests/integration/test_sink_contract.py) hold this fake and the real table to the same cases."""
 
     rows: dict[Key, Row] = field(default_factory=dict)
     source_rows: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the source table
+    truncated_at: int = 0
+    model: str = MODEL
     stored_calls: list[list[Key]] = field(default_factory=list)
     text_calls: list[list[Key]] = field(default_factory=list)
     writes: list[WriteBatch] = field(default_factory=list)
 
-    async def stored(self, keys: Sequence[Key]) -> dict[Key, Stored]:
+    async def stored(self, keys: Sequence[Key]) -> State:
         self.stored_calls.append(list(keys))
-        return {k: Stored(r.text_sha256, r.position, r.deleted) for k in keys if (r := self.rows.get(k))}
+        found = {
+            key: Stored(r.text_sha256, r.position, r.deleted, r.snapshot, r.model)
+            for key in keys
+            if (r := self.rows.get(key))
+        }
+        return State(found, self.truncated_at)
 
     async def source_texts(self, keys: Sequence[Key]) -> dict[Key, str | EventError]:
         self.text_calls.append(list(keys))
@@ -95,31 +110,47 @@ class FakeSink:
                     found[key] = exc
         return found
 
-    async def write(self, batch: WriteBatch) -> int:
-        keys = (
-            [k for k, *_ in batch.upserts] + [k for k, *_ in batch.deletes] + [k for k, *_ in batch.touches]
-        )
+    async def write(self, batch: WriteBatch) -> WriteResult:
+        keys = [w.key for w in batch.rows]
         assert len(keys) == len(set(keys)), "a key appears twice in one WriteBatch"
         self.writes.append(batch)
-        changed = 0
-        for key, position, _ in batch.touches:
-            row = self.rows.get(key)
-            if row is not None and position > row.position:
-                row.position = position
-                changed += 1
-        for key, vector, digest, position, _ in batch.upserts:
-            assert vector.shape == (4,)
-            changed += self._put(key, Row(vector, digest, position, False))
-        for key, position, _ in batch.deletes:
-            changed += self._put(key, Row(None, None, position, True))
-        return changed
+        truncated = 0
+        if batch.truncate_at is not None:
+            gone = [key for key, row in self.rows.items() if row.position < batch.truncate_at]
+            for key in gone:
+                del self.rows[key]
+            truncated = len(gone)
+            self.truncated_at = max(self.truncated_at, batch.truncate_at)
+        landed = {w.key for w in batch.rows if self._apply(w)}
+        return WriteResult(frozenset(landed), truncated)
 
-    def _put(self, key: Key, row: Row) -> int:
-        current = self.rows.get(key)
-        if current is not None and row.position <= current.position:
-            return 0
-        self.rows[key] = row
-        return 1
+    def _apply(self, write: Write) -> bool:
+        current = self.rows.get(write.key)
+        stored = (
+            None
+            if current is None
+            else Stored(
+                current.text_sha256, current.position, current.deleted, current.snapshot, current.model
+            )
+        )
+        if write.position <= self.truncated_at or not admits(
+            stored, write.position, write.snapshot, self.model
+        ):
+            return False
+        if write.kind is Kind.TOUCH:
+            if current is None or current.deleted or current.model != self.model:
+                return False
+            if current.text_sha256 != write.digest:
+                return False
+            current.position, current.snapshot = write.position, write.snapshot
+            return True
+        if write.kind is Kind.VECTOR:
+            assert write.vector is not None and write.vector.shape == (4,)
+        deleted = write.kind is Kind.DELETED
+        digest = write.digest if write.kind is Kind.VECTOR else None
+        model = None if deleted else self.model
+        self.rows[write.key] = Row(write.vector, digest, write.position, deleted, write.snapshot, model)
+        return True
 
     async def ping(self) -> None:
         return None
@@ -169,9 +200,9 @@ class FakeRecord:
 
 
 def event(
-    op: str, key: Key, lsn: int, title: Any = None, body: Any = None, ts_ms: int | None = None
+    op: str, key: int | str | None, lsn: int, title: Any = None, body: Any = None, ts_ms: int | None = None
 ) -> bytes:
-    after = None if op == "d" else {"id": key, "title": title, "body": body}
+    after = None if op in ("d", "t") else {"id": key, "title": title, "body": body}
     before = {"id": key, "title": None, "body": None} if op == "d" else None
     return orjson.dumps(
         {
@@ -192,22 +223,28 @@ class Topic:
         self.name, self.partition, self.next_offset = name, partition, 0
 
     def record(
-        self, key: Key | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
+        self, key: int | str | None, value: bytes | None, headers: Sequence[tuple[str, bytes]] = ()
     ) -> FakeRecord:
         raw_key = None if key is None else orjson.dumps({"id": key})
         offset, self.next_offset = self.next_offset, self.next_offset + 1
         return FakeRecord(self.name, self.partition, offset, raw_key, value, tuple(headers))
 
-    def create(self, key: Key, lsn: int, title: str, body: str = "body") -> FakeRecord:
+    def create(self, key: int | str, lsn: int, title: str, body: str = "body") -> FakeRecord:
         return self.record(key, event("c", key, lsn, title, body))
 
-    def update(self, key: Key, lsn: int, title: str, body: str = "body") -> FakeRecord:
+    def update(self, key: int | str, lsn: int, title: str, body: str = "body") -> FakeRecord:
         return self.record(key, event("u", key, lsn, title, body))
 
-    def delete(self, key: Key, lsn: int) -> FakeRecord:
+    def snapshot(self, key: int | str, lsn: int, title: str, body: str = "body") -> FakeRecord:
+        return self.record(key, event("r", key, lsn, title, body))
+
+    def delete(self, key: int | str, lsn: int) -> FakeRecord:
         return self.record(key, event("d", key, lsn))
 
-    def tombstone(self, key: Key) -> FakeRecord:
+    def truncate(self, lsn: int) -> FakeRecord:
+        return self.record(None, event("t", None, lsn))
+
+    def tombstone(self, key: int | str) -> FakeRecord:
         return self.record(key, None)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from consumer.settings import DEFAULT_MODEL, Settings, SettingsError, env_name, load_settings
 
@@ -17,6 +18,19 @@ def test_env_name() -> None:
     assert env_name("batch_max_events") == "CDC_BATCH_MAX_EVENTS"
 
 
+@pytest.mark.parametrize(
+    ("env", "columns"),
+    [({"CDC_KEY_COLUMNS": "tenant, id"}, ("tenant", "id")), ({"CDC_KEY_COLUMN": "doc_id"}, ("doc_id",))],
+)
+def test_key_columns(env: dict[str, str], columns: tuple[str, ...]) -> None:
+    assert Settings.from_env_map(env).key_column_list == columns
+
+
+def test_key_columns_and_key_column_disagreeing_is_refused() -> None:
+    with pytest.raises(ValidationError, match="CDC_KEY_COLUMNS or CDC_KEY_COLUMN"):
+        Settings.from_env_map({"CDC_KEY_COLUMNS": "a,b", "CDC_KEY_COLUMN": "a"})
+
+
 def test_defaults() -> None:
     s = load_settings()
     assert s.database_url is None
@@ -27,7 +41,8 @@ def test_defaults() -> None:
     assert s.connect_rest_url == "http://127.0.0.1:18083"
     assert s.source_table == "public.documents"
     assert s.vector_table == "public.document_embeddings"
-    assert s.key_column == "id"
+    assert s.key_column_list is None  # the source table's primary key
+    assert (s.on_model_change, s.model_timeout_s) == ("refuse", 300.0)
     assert s.text_column_list == ("title", "body")
     assert s.kafka_security_protocol == "PLAINTEXT"
     assert s.topic_prefix == "cdc"
