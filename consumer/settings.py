@@ -11,14 +11,17 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CDC_"
 DEFAULT_MODEL = "thenlper/gte-small"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+_URL_SCHEMES = ("postgresql://", "postgres://")  # libpq's; anything else is key=value conninfo
 
 
 class SettingsError(ValueError):
@@ -42,7 +45,7 @@ class Settings(BaseSettings):
     # --- Postgres -------------------------------------------------------------------------------
     database_url: str | None = Field(
         default=None,
-        description="Postgres URL holding the source and vector tables. Unset: the embedded local stack.",
+        description="Postgres URL or key=value conninfo of the source and vector tables. Unset: local stack.",
     )
     database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
         None
@@ -115,6 +118,19 @@ class Settings(BaseSettings):
     stack_connect_port: int = 18083
     stack_topic_partitions: int = Field(default=3, ge=1)
 
+    @field_validator("database_url")
+    @classmethod
+    def _conninfo(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                conninfo_to_dict(value)
+            except ProgrammingError:
+                # libpq's message may quote a fragment of the string, which may be the password
+                raise ValueError(
+                    "is neither a postgresql:// URL nor a key=value connection string libpq accepts"
+                ) from None
+        return value
+
     @field_validator("source_table", "vector_table")
     @classmethod
     def _qualified_identifier(cls, value: str) -> str:
@@ -177,9 +193,11 @@ class Settings(BaseSettings):
     @cached_property
     def dsn(self) -> str:
         url = self.database_url or f"postgresql://cdc:cdc@127.0.0.1:{self.stack_pg_port}/cdc"
-        if self.database_sslmode:
-            url += ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
-        return url
+        if not self.database_sslmode:
+            return url
+        if not url.startswith(_URL_SCHEMES):
+            return make_conninfo(url, sslmode=self.database_sslmode)
+        return url + ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
 
     @cached_property
     def bootstrap_servers(self) -> str:
@@ -216,17 +234,22 @@ class Settings(BaseSettings):
 
     def database_parts(self) -> dict[str, str]:
         """Host, port, user, password and database name, as Debezium's connector config wants them."""
-        parts = urlsplit(self.dsn)
+        params = {k: str(v) for k, v in conninfo_to_dict(self.dsn).items()}  # URL or conninfo, decoded
         return {
-            "hostname": parts.hostname or "127.0.0.1",
-            "port": str(parts.port or 5432),
-            "user": unquote(parts.username or ""),
-            "password": unquote(parts.password or ""),
-            "dbname": parts.path.lstrip("/") or "postgres",
+            "hostname": params.get("host") or "127.0.0.1",
+            "port": params.get("port") or "5432",
+            "user": params.get("user", ""),
+            "password": params.get("password", ""),
+            "dbname": params.get("dbname") or "postgres",
         }
 
     def redacted_dsn(self) -> str:
-        """The database URL for logs: passwords (in the authority or the query) masked."""
+        """The database URL or conninfo for logs: passwords (wherever they are given) masked."""
+        if not self.dsn.startswith(_URL_SCHEMES):
+            params = conninfo_to_dict(self.dsn)
+            if "password" in params:
+                params["password"] = "***"
+            return make_conninfo("", **params)
         parts = urlsplit(self.dsn)
         netloc = parts.netloc
         if parts.password is not None:
