@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         None
     )
     database_pool_size: int = Field(default=4, ge=1)
+    # A query that outlives this fails (and is retried like an outage) instead of holding its batch.
+    database_statement_timeout_ms: int = Field(
+        default=30_000, ge=0, description="statement_timeout of the consumer's sessions; 0: the server's."
+    )
 
     # --- Source and target tables ---------------------------------------------------------------
     source_table: str = "public.documents"
