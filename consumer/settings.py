@@ -105,6 +105,16 @@ class Settings(BaseSettings):
     retry_backoff_initial_s: float = Field(default=2.0, gt=0)
     retry_backoff_max_s: float = Field(default=300.0, gt=0)
     db_retry_backoff_max_s: float = Field(default=10.0, gt=0)
+    # The consumer creates the retry and dead-letter topics when they are missing (consumer/topics.py).
+    topic_partitions: int | None = Field(
+        default=None, ge=1, description="Partitions of new retry/dead-letter topics. Unset: the source's."
+    )
+    topic_replication_factor: int | None = Field(
+        default=None, ge=1, description="Replicas of new retry/dead-letter topics. Unset: min(3, brokers)."
+    )
+    topic_min_insync_replicas: int | None = Field(
+        default=None, ge=1, description="Their min.insync.replicas. Unset: replicas - 1, at least 1."
+    )
 
     # --- Operations -----------------------------------------------------------------------------
     http_host: str = "0.0.0.0"
@@ -171,6 +181,12 @@ class Settings(BaseSettings):
             # pgvector refuses the index otherwise; say so at start, not at the first CREATE INDEX
             raise ValueError(
                 f"{env_name('hnsw_ef_construction')} must be at least twice {env_name('hnsw_m')}"
+            )
+        isr, replicas = self.topic_min_insync_replicas, self.topic_replication_factor
+        if isr is not None and replicas is not None and isr > replicas:
+            raise ValueError(
+                f"{env_name('topic_min_insync_replicas')} must not exceed "
+                f"{env_name('topic_replication_factor')}: no write could succeed"
             )
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ValueError(
