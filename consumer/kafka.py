@@ -161,7 +161,8 @@ async def wait_for_topic(
 
     Debezium creates the source topic with the first change it captures, with the partitions of its
     topic.creation settings. Until then the consumer must not subscribe: a metadata request for a
-    missing topic lets a broker with auto.create.topics.enable create it with its own defaults.
+    missing topic lets a broker with auto.create.topics.enable create it with its own defaults, and
+    aiokafka (0.14) sets allow_auto_topic_creation in every such request, with no option to clear it.
     """
     loop = asyncio.get_running_loop()
     began = next_report = loop.time()
