@@ -6,19 +6,37 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaConnectionError, KafkaError, TopicAlreadyExistsError
+from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
+from aiokafka.errors import KafkaConnectionError, KafkaError
 from aiokafka.helpers import create_ssl_context
 
 from consumer.errors import OperatorError
+from consumer.logs import get_logger
 from consumer.retry import Headers
 from consumer.settings import Settings, env_name
+from consumer.topics import (
+    CHECKED,
+    KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+    TopicPlan,
+    TopicSetupError,
+    creation_errors,
+    described_configs,
+    fix_command,
+    plan_topics,
+    shortfalls,
+)
 
 # New topics (Debezium creates the source topic on its first event) must be seen within seconds.
 METADATA_MAX_AGE_MS = 5000
+TOPIC_POLL_S = 2.0
+TOPIC_PROGRESS_EVERY_S = 30.0
+
+log = get_logger("cdc_embedder.kafka")
 
 
 class KafkaUnavailable(OperatorError):
@@ -123,29 +141,122 @@ class KafkaPublisher:
         await self._producer.send_and_wait(topic, value=value, key=key, headers=headers)
 
 
-async def ensure_topics(settings: Settings, timeout_s: float = 60.0) -> None:
-    """Create the retry and dead-letter topics with as many partitions as the source topic."""
+@contextlib.asynccontextmanager
+async def admin_client(settings: Settings, timeout_s: float = 60.0) -> AsyncIterator[AIOKafkaAdminClient]:
     admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=15000)
     try:
         await asyncio.wait_for(admin.start(), timeout_s)
     except (KafkaError, OSError, TimeoutError) as exc:
         raise unreachable(settings, exc) from exc
     try:
-        existing = set(await admin.list_topics())
-        partitions = settings.stack_topic_partitions
-        if settings.source_topic in existing:
-            described = await admin.describe_topics([settings.source_topic])
-            partitions = len(described[0]["partitions"]) or partitions
-        missing = [t for t in (settings.retry_topic, settings.dlq_topic) if t not in existing]
-        if missing:
-            # Three copies where the cluster has three brokers, as for the source topic; fewer on a laptop.
-            replicas = min(3, len((await admin.describe_cluster())["brokers"]))
-            with contextlib.suppress(TopicAlreadyExistsError):
-                await admin.create_topics(
-                    [NewTopic(t, num_partitions=partitions, replication_factor=replicas) for t in missing]
-                )
+        yield admin
     finally:
         await admin.close()
+
+
+async def wait_for_topic(
+    admin: AIOKafkaAdminClient, topic: str, stop: asyncio.Event, poll_s: float = TOPIC_POLL_S
+) -> bool:
+    """Return True once `topic` exists, False if `stop` is set first; there is no other bound.
+
+    Debezium creates the source topic with the first change it captures, with the partitions of its
+    topic.creation settings. Until then the consumer must not subscribe: a metadata request for a
+    missing topic lets a broker with auto.create.topics.enable create it with its own defaults, and
+    aiokafka (0.14) sets allow_auto_topic_creation in every such request, with no option to clear it.
+    """
+    loop = asyncio.get_running_loop()
+    began = next_report = loop.time()
+    while not stop.is_set():
+        try:
+            if topic in await admin.list_topics():  # all topics: never auto-creates
+                if next_report > began:
+                    log.info("topic appeared", topic=topic, waited_s=round(loop.time() - began))
+                return True
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.warning("listing topics failed; retrying", topic=topic, error=repr(exc))
+        if loop.time() >= next_report:
+            log.info(
+                "waiting for the topic",
+                topic=topic,
+                waited_s=round(loop.time() - began),
+                hint="Debezium creates it with the first change it captures: is the connector registered "
+                "and RUNNING (cdc-embedder connector status), and does the source table have rows?",
+            )
+            next_report += TOPIC_PROGRESS_EVERY_S
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), poll_s)
+    return False
+
+
+async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
+    """Create the retry and dead-letter topics like the source topic, which must exist; warn where
+    existing ones fall short. Only topics known to exist are described: that asks for their metadata."""
+    existing = set(await admin.list_topics())
+    ours = [t for t in (settings.retry_topic, settings.dlq_topic) if t in existing]
+    wanted = dict.fromkeys(CHECKED)
+    described = await admin.describe_configs(
+        [ConfigResource(ConfigResourceType.TOPIC, t, wanted) for t in [settings.source_topic, *ours]]
+    )
+    configs = described_configs(r.to_object() for r in described)
+    brokers = len((await admin.describe_cluster())["brokers"])
+    plans = plan_topics(
+        settings, await _source_partitions(admin, settings), _source_max_bytes(configs, settings), brokers
+    )
+    await _create_topics(admin, [p for p in plans if p.name not in existing])
+    for plan in plans:
+        if plan.name in existing and (short := shortfalls(plan.configs, configs.get(plan.name, {}))):
+            log.warning(
+                "existing topic may lose or refuse records",
+                topic=plan.name,
+                have={k: configs[plan.name][k] for k in short},
+                want=short,
+                fix=fix_command(plan.name, short),
+            )
+
+
+async def _source_partitions(admin: AIOKafkaAdminClient, settings: Settings) -> int:
+    (source,) = await admin.describe_topics([settings.source_topic])
+    if not source["partitions"] and settings.topic_partitions is None:
+        raise TopicSetupError(
+            f"cannot see the partitions of {settings.source_topic} (error code {source['error_code']}): "
+            f"grant the consumer Describe on it, or set {env_name('topic_partitions')}"
+        )
+    return len(source["partitions"])
+
+
+def _source_max_bytes(configs: dict[str, dict[str, str]], settings: Settings) -> int:
+    value = configs.get(settings.source_topic, {}).get("max.message.bytes")
+    if value is None:
+        log.warning(
+            "cannot read the source topic's max.message.bytes; assuming Kafka's default",
+            topic=settings.source_topic,
+            assumed=KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
+            fix="grant the consumer DescribeConfigs on the topic",
+        )
+        return KAFKA_DEFAULT_MAX_MESSAGE_BYTES
+    return int(value)
+
+
+async def _create_topics(admin: AIOKafkaAdminClient, plans: list[TopicPlan]) -> None:
+    if not plans:
+        return
+    response = await admin.create_topics(
+        [NewTopic(p.name, p.partitions, p.replication_factor, topic_configs=p.configs) for p in plans]
+    )
+    if failed := creation_errors(response.to_object()):
+        raise TopicSetupError(
+            f"creating {', '.join(f'{t} ({e})' for t, e in failed.items())} failed: check "
+            f"{env_name('topic_replication_factor')}, {env_name('topic_min_insync_replicas')}, "
+            f"{env_name('topic_partitions')} and the consumer's permission to create topics"
+        )
+    for p in plans:
+        log.info(
+            "created topic",
+            topic=p.name,
+            partitions=p.partitions,
+            replicas=p.replication_factor,
+            configs=p.configs,
+        )
 
 
 async def partition_lag(

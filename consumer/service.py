@@ -1,9 +1,11 @@
 """Wiring and lifecycle of `cdc-embedder run`: start in order, run, stop cleanly on SIGTERM.
 
 Start-up fails fast with a message naming the setting to change (bad model, tables that do not fit the
-model, unreachable Kafka); Kubernetes' startup probe covers the model loading. On SIGTERM the in-flight
-batch is finished and committed, the consumer leaves its group, and the process exits 0 within
-CDC_SHUTDOWN_GRACE_S, abandoning (not committing) a batch that would take longer.
+model, unreachable Kafka); Kubernetes' startup probe covers the model loading. Then it waits, as long as
+it takes, for Debezium to create the source topic, creates the retry and dead-letter topics like it, and
+subscribes. On SIGTERM the in-flight batch is finished and committed, the consumer leaves its group, and
+the process exits 0 within CDC_SHUTDOWN_GRACE_S, abandoning (not committing) a batch that would take
+longer.
 """
 
 from __future__ import annotations
@@ -19,7 +21,15 @@ from consumer import metrics
 from consumer.app import EmbeddingConsumer
 from consumer.embedder import Embedder, SentenceTransformerEmbedder
 from consumer.health import HealthState, heartbeat, serve
-from consumer.kafka import KafkaPublisher, ensure_topics, make_consumer, make_producer, unreachable
+from consumer.kafka import (
+    KafkaPublisher,
+    admin_client,
+    ensure_topics,
+    make_consumer,
+    make_producer,
+    unreachable,
+    wait_for_topic,
+)
 from consumer.logs import get_logger
 from consumer.pipeline import BatchProcessor
 from consumer.schema import ensure_vector_table
@@ -61,26 +71,11 @@ async def run_service(
             async with pool.connection() as conn:
                 info = await ensure_vector_table(conn, settings, embedder.dimension)
                 await ensure_target_state(conn, settings, embedder.name, embedder.dimension)
-            await ensure_topics(settings)
-            sink = PgVectorSink(pool, settings, info)
-            producer = make_producer(settings, transactional=True)
-            kafka = make_consumer(settings)
-            try:
-                await producer.start()
-                await kafka.start()
-            except (KafkaError, OSError) as exc:
-                raise unreachable(settings, exc) from exc
-            try:
-                processor = BatchProcessor(
-                    settings, embedder, sink, KafkaPublisher(producer), executor, info.key_columns
-                )
-                consumer = EmbeddingConsumer(settings, kafka, producer, processor, sink, health)
-                health.started = health.database_ok = True
-                log.info("started", dimension=embedder.dimension, vector_table=settings.vector_table)
-                await _run_until_stopped(consumer, stop, settings.shutdown_grace_s)
-            finally:
-                await kafka.stop()  # leaves the group, so partitions move at once
-                await producer.stop()
+            # Started: the startup probe must not restart a pod that waits for Debezium's topic.
+            health.started = health.database_ok = True
+            if await _prepare_topics(settings, stop):
+                sink = PgVectorSink(pool, settings, info)
+                await _consume(settings, embedder, sink, health, executor, stop, info.key_columns)
         finally:
             await pool.close()
     finally:
@@ -89,6 +84,45 @@ async def run_service(
         executor.shutdown(wait=False, cancel_futures=True)
     log.info("stopped")
     return 0
+
+
+async def _prepare_topics(settings: Settings, stop: asyncio.Event) -> bool:
+    """Wait for the source topic, then create the retry and dead-letter topics like it; False: stopped.
+
+    Subscribing first could create the source topic with the broker's defaults (see wait_for_topic), and
+    the retry and dead-letter topics copy its partition count and record size.
+    """
+    async with admin_client(settings) as admin:
+        if not await wait_for_topic(admin, settings.source_topic, stop):
+            return False
+        await ensure_topics(admin, settings)
+    return True
+
+
+async def _consume(
+    settings: Settings,
+    embedder: Embedder,
+    sink: PgVectorSink,
+    health: HealthState,
+    executor: ThreadPoolExecutor,
+    stop: asyncio.Event,
+    key_columns: tuple[str, ...],
+) -> None:
+    producer = make_producer(settings, transactional=True)
+    kafka = make_consumer(settings)
+    try:
+        await producer.start()
+        await kafka.start()
+    except (KafkaError, OSError) as exc:
+        raise unreachable(settings, exc) from exc
+    try:
+        processor = BatchProcessor(settings, embedder, sink, KafkaPublisher(producer), executor, key_columns)
+        consumer = EmbeddingConsumer(settings, kafka, producer, processor, sink, health)
+        log.info("started", dimension=embedder.dimension, vector_table=settings.vector_table)
+        await _run_until_stopped(consumer, stop, settings.shutdown_grace_s)
+    finally:
+        await kafka.stop()  # leaves the group, so partitions move at once
+        await producer.stop()
 
 
 async def _run_until_stopped(consumer: EmbeddingConsumer, stop: asyncio.Event, grace_s: float) -> None:

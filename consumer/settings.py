@@ -11,14 +11,17 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import Literal
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "CDC_"
 DEFAULT_MODEL = "thenlper/gte-small"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+_URL_SCHEMES = ("postgresql://", "postgres://")  # libpq's; anything else is key=value conninfo
 
 
 class SettingsError(ValueError):
@@ -42,12 +45,16 @@ class Settings(BaseSettings):
     # --- Postgres -------------------------------------------------------------------------------
     database_url: str | None = Field(
         default=None,
-        description="Postgres URL holding the source and vector tables. Unset: the embedded local stack.",
+        description="Postgres URL or key=value conninfo of the source and vector tables. Unset: local stack.",
     )
     database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
         None
     )
     database_pool_size: int = Field(default=4, ge=1)
+    # A query that outlives this fails (and is retried like an outage) instead of holding its batch.
+    database_statement_timeout_ms: int = Field(
+        default=30_000, ge=0, description="statement_timeout of the consumer's sessions; 0: the server's."
+    )
 
     # --- Source and target tables ---------------------------------------------------------------
     source_table: str = "public.documents"
@@ -110,6 +117,16 @@ class Settings(BaseSettings):
     retry_backoff_initial_s: float = Field(default=2.0, gt=0)
     retry_backoff_max_s: float = Field(default=300.0, gt=0)
     db_retry_backoff_max_s: float = Field(default=10.0, gt=0)
+    # The consumer creates the retry and dead-letter topics when they are missing (consumer/topics.py).
+    topic_partitions: int | None = Field(
+        default=None, ge=1, description="Partitions of new retry/dead-letter topics. Unset: the source's."
+    )
+    topic_replication_factor: int | None = Field(
+        default=None, ge=1, description="Replicas of new retry/dead-letter topics. Unset: min(3, brokers)."
+    )
+    topic_min_insync_replicas: int | None = Field(
+        default=None, ge=1, description="Their min.insync.replicas. Unset: replicas - 1, at least 1."
+    )
 
     # --- Operations -----------------------------------------------------------------------------
     http_host: str = "0.0.0.0"
@@ -126,6 +143,19 @@ class Settings(BaseSettings):
     stack_kafka_controller_port: int = 19093
     stack_connect_port: int = 18083
     stack_topic_partitions: int = Field(default=3, ge=1)
+
+    @field_validator("database_url")
+    @classmethod
+    def _conninfo(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                conninfo_to_dict(value)
+            except ProgrammingError:
+                # libpq's message may quote a fragment of the string, which may be the password
+                raise ValueError(
+                    "is neither a postgresql:// URL nor a key=value connection string libpq accepts"
+                ) from None
+        return value
 
     @field_validator("source_table", "vector_table")
     @classmethod
@@ -168,6 +198,12 @@ class Settings(BaseSettings):
             )
         if self.key_columns and self.key_column and self.key_columns != self.key_column:
             raise ValueError(f"set {env_name('key_columns')} or {env_name('key_column')}, not both")
+        isr, replicas = self.topic_min_insync_replicas, self.topic_replication_factor
+        if isr is not None and replicas is not None and isr > replicas:
+            raise ValueError(
+                f"{env_name('topic_min_insync_replicas')} must not exceed "
+                f"{env_name('topic_replication_factor')}: no write could succeed"
+            )
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ValueError(
                 f"{env_name('retry_backoff_initial_s')} must not exceed {env_name('retry_backoff_max_s')}"
@@ -193,9 +229,11 @@ class Settings(BaseSettings):
     @cached_property
     def dsn(self) -> str:
         url = self.database_url or f"postgresql://cdc:cdc@127.0.0.1:{self.stack_pg_port}/cdc"
-        if self.database_sslmode:
-            url += ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
-        return url
+        if not self.database_sslmode:
+            return url
+        if not url.startswith(_URL_SCHEMES):
+            return make_conninfo(url, sslmode=self.database_sslmode)
+        return url + ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
 
     @cached_property
     def bootstrap_servers(self) -> str:
@@ -238,17 +276,22 @@ class Settings(BaseSettings):
 
     def database_parts(self) -> dict[str, str]:
         """Host, port, user, password and database name, as Debezium's connector config wants them."""
-        parts = urlsplit(self.dsn)
+        params = {k: str(v) for k, v in conninfo_to_dict(self.dsn).items()}  # URL or conninfo, decoded
         return {
-            "hostname": parts.hostname or "127.0.0.1",
-            "port": str(parts.port or 5432),
-            "user": unquote(parts.username or ""),
-            "password": unquote(parts.password or ""),
-            "dbname": parts.path.lstrip("/") or "postgres",
+            "hostname": params.get("host") or "127.0.0.1",
+            "port": params.get("port") or "5432",
+            "user": params.get("user", ""),
+            "password": params.get("password", ""),
+            "dbname": params.get("dbname") or "postgres",
         }
 
     def redacted_dsn(self) -> str:
-        """The database URL for logs: passwords (in the authority or the query) masked."""
+        """The database URL or conninfo for logs: passwords (wherever they are given) masked."""
+        if not self.dsn.startswith(_URL_SCHEMES):
+            params = conninfo_to_dict(self.dsn)
+            if "password" in params:
+                params["password"] = "***"
+            return make_conninfo("", **params)
         parts = urlsplit(self.dsn)
         netloc = parts.netloc
         if parts.password is not None:

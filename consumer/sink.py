@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import numpy as np
 from pgvector.psycopg import register_vector_async
 from psycopg import AsyncConnection, sql
+from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.errors import EventError
@@ -341,13 +342,33 @@ class _Statements:
         )
 
 
+# A server that vanished without a FIN or RST (a half-open connection) holds a query whose answer is
+# awaited forever, and one whose bytes go unacknowledged for some 15 minutes of retransmissions, while the
+# event loop ticks and liveness stays green. Keepalives find the dead peer of a waiting connection in
+# about a minute; tcp_user_timeout bounds the unacknowledged case. The connection string's own values win.
+TCP_KEEPALIVES = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 60_000,
+}
+
+
 def open_pool(settings: Settings, min_size: int = 1) -> AsyncConnectionPool[AsyncConnection[Any]]:
-    """A pool whose connections speak pgvector's binary format."""
+    """A pool whose connections speak pgvector's binary format and cannot wait forever."""
+    timeout_ms = settings.database_statement_timeout_ms
+    # SET rather than the startup packet's `options`, which poolers such as PgBouncer may refuse
+    set_timeout = sql.SQL("SET statement_timeout = {}").format(sql.Literal(timeout_ms))
 
     async def configure(conn: AsyncConnection[Any]) -> None:
         await register_vector_async(conn)
         await conn.set_autocommit(True)
+        if timeout_ms:
+            await conn.execute(set_timeout)
 
+    given = conninfo_to_dict(settings.dsn)
+    keepalives = {k: v for k, v in TCP_KEEPALIVES.items() if k not in given}
     return AsyncConnectionPool(
         settings.dsn,
         min_size=min_size,
@@ -356,5 +377,5 @@ def open_pool(settings: Settings, min_size: int = 1) -> AsyncConnectionPool[Asyn
         open=False,
         timeout=10,
         check=AsyncConnectionPool.check_connection,
-        kwargs={"connect_timeout": 5, "application_name": "cdc-embedder"},
+        kwargs={"connect_timeout": 5, "application_name": "cdc-embedder", **keepalives},
     )

@@ -16,7 +16,7 @@ from consumer.consumer_process import ConsumerProcess
 from consumer.schema import create_demo_source_table
 from consumer.settings import Settings
 from consumer.stack import LocalStack
-from tests.harness import exercise, flaky_consumer, stack_env
+from tests.harness import create_source_topic, exercise, flaky_consumer, stack_env
 
 SEED_IDS = 9_000_000  # rows the `pipeline` fixture inserts, apart from every test's own ids
 
@@ -38,6 +38,7 @@ def stack(settings: Settings) -> Iterator[LocalStack]:
     stack.up(progress=print)
     asyncio.run(_create_source_table(settings))
     register_connector(settings, progress=print)
+    asyncio.run(create_source_topic(settings))
     yield stack
     stack.down(purge=True, progress=print)
 

@@ -14,12 +14,14 @@ from typing import Any
 
 import psycopg
 from aiokafka import AIOKafkaProducer
+from aiokafka.admin import NewTopic
 from psycopg import sql
 
 from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.embedder import packaged_stand_in_model
 from consumer.errors import EventError
 from consumer.events import join_text
+from consumer.kafka import admin_client
 from consumer.settings import Settings
 from consumer.sink import text_hash
 
@@ -160,6 +162,17 @@ async def produce(
             await producer.send_and_wait(topic, value=value, key=key)
     finally:
         await producer.stop()
+
+
+async def create_source_topic(settings: Settings) -> None:
+    """The source topic as the connector would create it (topic.creation.default.*), before any row.
+
+    The consumer waits at start until the topic exists, and Debezium creates it only with the first
+    change it captures; the session's consumer must get ready while the table is still empty.
+    """
+    async with admin_client(settings) as admin:
+        if settings.source_topic not in await admin.list_topics():
+            await admin.create_topics([NewTopic(settings.source_topic, settings.stack_topic_partitions, 1)])
 
 
 def exercise(consumer: ConsumerProcess, settings: Settings, id_base: int) -> None:

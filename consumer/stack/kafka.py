@@ -124,7 +124,10 @@ class EmbeddedKafka(LocalServer):
                 "transaction.state.log.min.isr": 1,
                 "share.coordinator.state.topic.replication.factor": 1,
                 "share.coordinator.state.topic.min.isr": 1,
-                "auto.create.topics.enable": True,
+                # Topics are made by whoever knows their settings: Debezium (topic.creation.*) and the
+                # consumer (retry, dead letters). A subscription would otherwise create the source topic
+                # with these defaults before Debezium's settings apply.
+                "auto.create.topics.enable": False,
                 # consumers in tests and the demo join at once instead of waiting 3 s for more members
                 "group.initial.rebalance.delay.ms": 0,
             },

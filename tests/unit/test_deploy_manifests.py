@@ -3,14 +3,16 @@
 Built-in kinds (Namespace, ServiceAccount, ConfigMap, Deployment, Service, PodDisruptionBudget) are
 validated with the PyPI package kubernetes-validate, strictly (unknown fields are errors), against the
 oldest and the newest Kubernetes version it knows. It ships no schema for the custom resources
-(PodMonitor, PrometheusRule, ScaledObject, TriggerAuthentication, KafkaConnect, KafkaConnector) and none
-can be fetched offline, so for those the tests below check the required structure of each CRD by hand:
-apiVersion, kind, the required spec fields and their types, and the cross-references between objects.
+(PodMonitor, PrometheusRule, ScaledObject, TriggerAuthentication, KafkaConnect, KafkaConnector,
+KafkaTopic) and none can be fetched offline, so for those the tests below check the required structure
+of each CRD by hand: apiVersion, kind, the required spec fields and their types, and the
+cross-references between objects.
 
 Consistency with the rest of the repository: every CDC_* variable is a Settings field and the settings
 load; probe paths and the port are consumer.health's and Settings().http_port; the PrometheusRule is
 deploy/observability/alert-rules.yml; the dashboard ConfigMap is deploy/observability/grafana-dashboard.json;
-the KafkaConnector is connectors/documents.json; KEDA never scales past the topic's partitions.
+the KafkaConnector is connectors/documents.json; KEDA never scales past the topic's partitions; the
+KafkaTopics are the retry and dead-letter topics the consumer would create (consumer.topics).
 
 kustomize comes from the Go module proxy (see the Makefile); the test looks for it in $KUSTOMIZE, next
 to this Python (.venv/bin) and on PATH, and fails when it is missing rather than skipping.
@@ -34,6 +36,7 @@ import yaml
 
 from consumer import health
 from consumer.settings import Settings
+from consumer.topics import KAFKA_DEFAULT_MAX_MESSAGE_BYTES, plan_topics
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -58,6 +61,7 @@ CUSTOM_KINDS = {
     "TriggerAuthentication": "keda.sh/v1alpha1",
     "KafkaConnect": "kafka.strimzi.io/v1beta2",
     "KafkaConnector": "kafka.strimzi.io/v1beta2",
+    "KafkaTopic": "kafka.strimzi.io/v1beta2",
 }
 # Worst case for one batch after SIGTERM: 64 texts x 512 tokens through gte-small on 2 CPUs plus the write.
 WORST_CASE_BATCH_S = 30
@@ -151,7 +155,7 @@ def test_kustomization_includes_every_manifest() -> None:
 def test_renders_the_expected_objects(rendered: list[dict[str, Any]]) -> None:
     kinds = sorted(d["kind"] for d in rendered)
     expected = ["ConfigMap", "ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget", "Service"]
-    expected += ["ServiceAccount", *CUSTOM_KINDS]
+    expected += ["ServiceAccount", *CUSTOM_KINDS, "KafkaTopic"]  # retry and dead letters
     assert kinds == sorted(expected)
     assert all(d["metadata"].get("namespace") == "cdc-embedder" for d in rendered if d["kind"] != "Namespace")
 
@@ -438,3 +442,25 @@ def test_no_literal_password_anywhere(rendered: list[dict[str, Any]]) -> None:
                         seen += 1
                         assert value.startswith("${env:") or value == "password", (doc["kind"], key, value)
     assert seen >= 2  # the connector's database.password and Strimzi's passwordSecret.password
+
+
+def test_kafka_topics_are_what_the_consumer_would_create(rendered: list[dict[str, Any]]) -> None:
+    """Same partitions, replication, min.insync, retention and size as consumer.kafka.ensure_topics."""
+    settings = _pod_settings(rendered, _one(rendered, "Deployment"))
+    config = json.loads(CONNECTOR_JSON.read_text())["config"]
+    source_partitions = int(config["topic.creation.default.partitions"])
+    # a Debezium-created source topic has the brokers' default size; Strimzi's "cdc" cluster has 3 brokers
+    plans = plan_topics(settings, source_partitions, KAFKA_DEFAULT_MAX_MESSAGE_BYTES, brokers=3)
+    topics = {d["spec"]["topicName"]: d for d in rendered if d["kind"] == "KafkaTopic"}
+    assert set(topics) == {settings.retry_topic, settings.dlq_topic} == {p.name for p in plans}
+    # Strimzi names a cluster's bootstrap Service <cluster>-kafka-bootstrap: the consumer's brokers
+    cluster = str(settings.kafka_bootstrap_servers).split("-kafka-bootstrap:")[0]
+    for plan in plans:
+        topic = topics[plan.name]
+        assert topic["metadata"]["labels"]["strimzi.io/cluster"] == cluster == "cdc"
+        spec = topic["spec"]
+        assert isinstance(spec["partitions"], int) and isinstance(spec["replicas"], int)
+        assert (spec["partitions"], spec["replicas"]) == (plan.partitions, plan.replication_factor)
+        assert {k: str(v) for k, v in spec["config"].items()} == plan.configs, plan.name
+    dlq = topics[settings.dlq_topic]["spec"]["config"]
+    assert dlq["retention.ms"] == dlq["retention.bytes"] == -1, "dead letters never expire"
