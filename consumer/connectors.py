@@ -62,11 +62,16 @@ def load_connector_file(path: Path | str | None = None) -> ConnectorSpec:
     return ConnectorSpec(name=raw["name"], config=config)
 
 
-def connector_config(settings: Settings, path: Path | str | None = None) -> ConnectorSpec:
-    """The connector as it is sent: the file, with the table, topic prefix and partitions from settings."""
+def connector_config(
+    settings: Settings, path: Path | str | None = None, tables: tuple[str, ...] = ()
+) -> ConnectorSpec:
+    """The connector as it is sent: the file, with the tables, topic prefix and partitions from settings.
+
+    `tables` are captured besides the source table (each must be in the publication).
+    """
     spec = load_connector_file(path)
     config = dict(spec["config"])
-    config["table.include.list"] = settings.source_table
+    config["table.include.list"] = ",".join(dict.fromkeys((settings.source_table, *tables)))
     config["topic.prefix"] = settings.topic_prefix
     config["topic.creation.default.partitions"] = str(settings.stack_topic_partitions)
     return ConnectorSpec(name=spec["name"], config=config)
@@ -75,6 +80,11 @@ def connector_config(settings: Settings, path: Path | str | None = None) -> Conn
 def publication_name(settings: Settings, path: Path | str | None = None) -> str:
     """The Postgres publication the connector reads; created with the source table, not by Debezium."""
     return connector_config(settings, path)["config"]["publication.name"]
+
+
+def signal_table_name(settings: Settings, path: Path | str | None = None) -> str:
+    """Debezium's signal table (schema.table), through which snapshots are asked for."""
+    return connector_config(settings, path)["config"]["signal.data.collection"]
 
 
 def _base_url(settings: Settings, base_url: str | None) -> str:
@@ -182,9 +192,10 @@ def register_connector(
     timeout_s: float = 120.0,
     base_url: str | None = None,
     progress: Callable[[str], None] = _silent,
+    tables: tuple[str, ...] = (),
 ) -> str:
     """Create or update the connector (PUT is idempotent) and wait until it and its task are RUNNING."""
-    spec = connector_config(settings, path)
+    spec = connector_config(settings, path, tables)
     name, root = spec["name"], _base_url(settings, base_url)
     deadline = time.monotonic() + timeout_s
     while True:

@@ -84,13 +84,15 @@ async def print_search(settings: Settings, embedder: Embedder, query: str, k: in
 
 
 async def run_demo(settings: Settings, rows_file: Path | None, say: Say) -> int:
-    from consumer.connectors import publication_name, register_connector
+    from consumer.connectors import publication_name, register_connector, signal_table_name
     from consumer.stack import LocalStack
 
     await asyncio.to_thread(LocalStack(settings).up, say)
     rows = read_rows(rows_file or SAMPLE_ROWS)
     async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
-        await create_demo_source_table(conn, settings, publication_name(settings))
+        await create_demo_source_table(
+            conn, settings, publication_name(settings), signal_table_name(settings)
+        )
         say(f"demo: upserted {await insert_rows(conn, settings, rows)} rows into {settings.source_table}")
     await asyncio.to_thread(register_connector, settings, None, progress=say)
     log_file = settings.stack_dir / "logs" / "consumer.log"

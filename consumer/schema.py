@@ -232,12 +232,22 @@ async def _check_existing(
 
 
 async def create_demo_source_table(
-    conn: psycopg.AsyncConnection, settings: Settings, publication: str
+    conn: psycopg.AsyncConnection, settings: Settings, publication: str, signal_table: str | None = None
 ) -> None:
     """The example source table of the README and the tests, `documents(id, title, body, ...)`, and the
     publication Debezium reads it through (the connector does not create publications: that would need
-    ownership of the table)."""
+    ownership of the table), with Debezium's signal table in it if one is named."""
     schema, table = settings.source
+    tables = [_ident(schema, table)]
+    if signal_table is not None:
+        tables.append(sql.Identifier(*signal_table.split(".")))
+        # Debezium's layout of a signal table; an incremental snapshot writes its watermarks here too
+        await conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (id varchar(42) PRIMARY KEY, type varchar(32) NOT NULL, "
+                "data varchar(2048))"
+            ).format(tables[-1])
+        )
     await conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
     await conn.execute(
         sql.SQL(
@@ -256,7 +266,25 @@ async def create_demo_source_table(
     if await cur.fetchone() is None:
         await conn.execute(
             sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                sql.Identifier(publication), _ident(schema, table)
+                sql.Identifier(publication), sql.SQL(", ").join(tables)
             )
         )
+    else:
+        await add_to_publication(conn, publication, tables)
     await conn.commit()
+
+
+async def add_to_publication(
+    conn: psycopg.AsyncConnection, publication: str, tables: list[sql.Identifier]
+) -> None:
+    """Add the tables the publication lacks (as the tables' owner)."""
+    for table in tables:
+        cur = await conn.execute(
+            "SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid "
+            "WHERE p.pubname = %s AND r.prrelid = to_regclass(%s)",
+            (publication, table.as_string(conn)),
+        )
+        if await cur.fetchone() is None:
+            await conn.execute(
+                sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table)
+            )

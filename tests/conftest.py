@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from consumer.connectors import publication_name, register_connector
+from consumer.connectors import publication_name, register_connector, signal_table_name
 from consumer.consumer_process import ConsumerProcess
 from consumer.schema import create_demo_source_table
 from consumer.settings import Settings
@@ -45,7 +45,9 @@ def stack(settings: Settings) -> Iterator[LocalStack]:
 
 async def _create_source_table(settings: Settings) -> None:
     async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
-        await create_demo_source_table(conn, settings, publication_name(settings))
+        await create_demo_source_table(
+            conn, settings, publication_name(settings), signal_table_name(settings)
+        )
 
 
 @pytest.fixture

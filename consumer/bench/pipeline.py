@@ -32,12 +32,14 @@ BENCH_STACK_ENV = {
 def create_source_table(settings: Settings) -> None:
     """The demo source table (its updated_at, now() at insert, is a one-row insert's commit time) and the
     publication Debezium reads it through."""
-    from consumer.connectors import publication_name
+    from consumer.connectors import publication_name, signal_table_name
     from consumer.schema import create_demo_source_table
 
     async def create() -> None:
         async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
-            await create_demo_source_table(conn, settings, publication_name(settings))
+            await create_demo_source_table(
+                conn, settings, publication_name(settings), signal_table_name(settings)
+            )
 
     asyncio.run(create())
 

@@ -34,6 +34,8 @@ GRANT CONNECT ON DATABASE :"dbname" TO debezium;
 GRANT USAGE ON SCHEMA public TO debezium;
 -- The initial snapshot reads the table; streaming needs only REPLICATION and the publication.
 GRANT SELECT ON public.documents TO debezium;
+-- Incremental snapshots (backfills) read signals and write their window watermarks to the signal table.
+GRANT SELECT, INSERT, UPDATE, DELETE ON public.cdc_embedder_signal TO debezium;
 
 -- The publication is created here, by the table's owner, because creating one FOR TABLE needs
 -- ownership of the table. The connector must use it (publication.name=cdc_embedder) and not create
@@ -42,7 +44,13 @@ GRANT SELECT ON public.documents TO debezium;
 -- more than a replication role should have. Adding a table later: ALTER PUBLICATION here, as owner.
 SELECT NOT EXISTS (SELECT FROM pg_publication WHERE pubname = 'cdc_embedder') AS create_publication \gset
 \if :create_publication
-    CREATE PUBLICATION cdc_embedder FOR TABLE public.documents;
+    CREATE PUBLICATION cdc_embedder FOR TABLE public.documents, public.cdc_embedder_signal;
+\endif
+SELECT NOT EXISTS (
+    SELECT FROM pg_publication_tables WHERE pubname = 'cdc_embedder' AND tablename = 'cdc_embedder_signal'
+) AS add_signal \gset
+\if :add_signal
+    ALTER PUBLICATION cdc_embedder ADD TABLE public.cdc_embedder_signal;
 \endif
 
 -- --- cdc_embedder: the consumer, writes only the vectors table ---------------------------------------
@@ -55,5 +63,8 @@ ALTER ROLE cdc_embedder WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICA
 GRANT CONNECT ON DATABASE :"dbname" TO cdc_embedder;
 GRANT USAGE ON SCHEMA public TO cdc_embedder;
 GRANT SELECT, INSERT, UPDATE, DELETE ON public.document_embeddings TO cdc_embedder;
+-- Its vector tables' state (model, truncate position); `cdc-embedder backfill` writes signals.
+GRANT SELECT, INSERT, UPDATE ON public.cdc_embedder_targets TO cdc_embedder;
+GRANT INSERT ON public.cdc_embedder_signal TO cdc_embedder;
 -- Read-only on the source: the text of columns a change left unchanged in TOAST is read from here.
 GRANT SELECT ON public.documents TO cdc_embedder;

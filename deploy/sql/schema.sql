@@ -15,18 +15,40 @@ CREATE TABLE IF NOT EXISTS public.documents (
     updated_at timestamptz DEFAULT now()
 );
 
+-- Debezium's signal table (connector setting signal.data.collection): a row asks for a snapshot of some
+-- rows (`cdc-embedder backfill`), and incremental snapshots write their watermarks here. It must be in
+-- the publication (roles.sql).
+CREATE TABLE IF NOT EXISTS public.cdc_embedder_signal (
+    id   varchar(42) PRIMARY KEY,
+    type varchar(32) NOT NULL,
+    data varchar(2048)
+);
+
 -- The vectors, one row per source row, written only by the consumer (role cdc_embedder). The same
 -- definition as consumer/schema.py's ensure_vector_table (a test compares them): created here, by the
--- schema's owner, because the consumer's role may not create tables.
+-- schema's owner, because the consumer's role may not create tables. The key is the source's primary
+-- key, column for column (several columns for a composite key).
 CREATE TABLE IF NOT EXISTS public.document_embeddings (
-    id          bigint PRIMARY KEY,          -- public.documents.id
-    embedding   vector(384),
+    id          bigint NOT NULL,             -- public.documents.id
+    embedding   vector(384),                 -- NULL: deleted, or the row has no text to embed
     model       text,
     text_sha256 bytea,                       -- hash of the embedded text: unchanged text skips the model
     source_lsn  bigint NOT NULL,             -- WAL position of the change that produced this row
     source_ts   timestamptz,
     deleted     boolean NOT NULL DEFAULT false,
-    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp()
+    snapshot    boolean NOT NULL DEFAULT false, -- written by a snapshot row, which any streamed change beats
+    updated_at  timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (id)
+);
+
+-- One row per vector table: the model that wrote it (checked at start) and the position of the source's
+-- last TRUNCATE, below which no change writes any more. consumer/targets.py creates the same.
+CREATE TABLE IF NOT EXISTS public.cdc_embedder_targets (
+    vector_table  text PRIMARY KEY,
+    model         text NOT NULL,
+    dimension     integer NOT NULL,
+    truncated_lsn bigint NOT NULL DEFAULT 0,
+    updated_at    timestamptz NOT NULL DEFAULT clock_timestamp()
 );
 
 -- m and ef_construction are pgvector's defaults and CDC_HNSW_M, CDC_HNSW_EF_CONSTRUCTION's: lower values

@@ -20,7 +20,7 @@ import pytest
 import structlog.testing
 from psycopg import errors
 
-from consumer import schema
+from consumer import schema, targets
 from consumer.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -141,9 +141,11 @@ def test_debezium_role_reads_the_source_and_replicates(pg: Postgres) -> None:
         _denied(conn, "INSERT INTO public.documents (id) VALUES (2)")
         _denied(conn, "CREATE TABLE public.scratch (id int)")
         tables = conn.execute(
-            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'cdc_embedder'"
+            "SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = 'cdc_embedder' "
+            "ORDER BY 1"
         ).fetchall()
-        assert tables == [("public.documents",)]
+        assert tables == [("public.cdc_embedder_signal",), ("public.documents",)]
+        conn.execute("INSERT INTO public.cdc_embedder_signal VALUES ('w', 'snapshot-window-open', NULL)")
         owner = conn.execute(
             "SELECT pg_get_userbyid(pubowner) FROM pg_publication WHERE pubname = 'cdc_embedder'"
         ).fetchone()
@@ -175,24 +177,32 @@ async def test_vector_table_is_the_consumers_definition(pg: Postgres) -> None:
     assert created.returncode == 0, created.stderr
     settings = Settings(database_url=pg.uri("reference"))
     async with await psycopg.AsyncConnection.connect(pg.uri("reference")) as conn:
-        await schema.create_demo_source_table(conn, settings, "cdc_embedder_demo")
+        await schema.create_demo_source_table(
+            conn,
+            settings,
+            "cdc_embedder_demo",
+            json.loads(CONNECTOR_JSON.read_text())["config"]["signal.data.collection"],
+        )
         await schema.ensure_vector_table(conn, settings, DIMENSION)
+        await targets.ensure_target_state(conn, settings, settings.model, DIMENSION)
 
-    def describe(database: str) -> tuple[list[Any], list[Any]]:
+    def describe(database: str, table: str) -> tuple[list[Any], list[Any]]:
         with _connect(pg, "postgres", database) as conn:
             columns = conn.execute(
                 "SELECT attname, format_type(atttypid, atttypmod), attnotnull, "
                 "pg_get_expr(d.adbin, d.adrelid) FROM pg_attribute a "
                 "LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum "
-                "WHERE attrelid = 'public.document_embeddings'::regclass AND attnum > 0 AND NOT attisdropped "
-                "ORDER BY attnum"
+                "WHERE attrelid = to_regclass(%s) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                (f"public.{table}",),
             ).fetchall()
             indexes = conn.execute(
-                "SELECT indexdef FROM pg_indexes WHERE tablename = 'document_embeddings' ORDER BY indexname"
+                "SELECT indexdef FROM pg_indexes WHERE tablename = %s ORDER BY indexname", (table,)
             ).fetchall()
             return columns, indexes
 
-    assert describe("cdc") == describe("reference")
+    for table in ("document_embeddings", targets.STATE_TABLE, "cdc_embedder_signal"):
+        assert describe("cdc", table) == describe("reference", table), table
+        assert describe("cdc", table)[0], f"{table} missing"
 
 
 async def test_consumer_starts_under_least_privilege(pg: Postgres) -> None:
@@ -204,7 +214,8 @@ async def test_consumer_starts_under_least_privilege(pg: Postgres) -> None:
     settings = Settings(database_url=pg.uri("cdc", "cdc_embedder"))
     async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
         info = await schema.ensure_vector_table(conn, settings, DIMENSION)
-    assert info.key_type == "bigint"
+        await targets.ensure_target_state(conn, settings, settings.model, DIMENSION)
+    assert (info.key_columns, info.key_types) == (("id",), ("bigint",))
 
 
 async def test_vector_index_takes_the_hnsw_settings_and_an_existing_one_is_reported(pg: Postgres) -> None:
