@@ -99,6 +99,21 @@ def supersedes(position: int, snapshot: bool, over_position: int, over_snapshot:
     return over_snapshot and position > over_position
 
 
+def _position(source: Any, op: Op) -> int:
+    """The change's WAL position: source.lsn, or for a row of an incremental snapshot (whose lsn is
+    null) the position of the snapshot window it was read in, the last of source.sequence."""
+    position = source.get("lsn") if isinstance(source, dict) else None
+    if position is None and op is Op.READ and isinstance(source, dict):
+        try:
+            sequence = orjson.loads(source.get("sequence") or "null")
+            position = int(sequence[-1]) if isinstance(sequence, list) and sequence else None
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            position = None
+    if isinstance(position, bool) or not isinstance(position, int):
+        raise EventError(ErrorClass.INVALID_EVENT, "source.lsn is missing: not a Postgres change event")
+    return position
+
+
 def _load(raw: bytes | None, what: str) -> Any:
     if raw is None:
         return None
@@ -170,9 +185,7 @@ def decode(
     if op is Op.TOMBSTONE:
         raise EventError(ErrorClass.UNKNOWN_OPERATION, "op 'tombstone' is not a Debezium operation")
     source = envelope.get("source")
-    position = source.get("lsn") if isinstance(source, dict) else None
-    if isinstance(position, bool) or not isinstance(position, int):
-        raise EventError(ErrorClass.INVALID_EVENT, "source.lsn is missing: not a Postgres change event")
+    position = _position(source, op)
     ts = source.get("ts_ms") if isinstance(source, dict) else None
     source_ts_ms = ts if isinstance(ts, int) and not isinstance(ts, bool) else None
     if op is Op.TRUNCATE:  # a truncate event has no key: it is about the whole table

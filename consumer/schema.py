@@ -65,18 +65,18 @@ async def _column_type(conn: psycopg.AsyncConnection, schema: str, table: str, c
     return str(row[0]) if row else None
 
 
+# The primary key columns of a table (parameters: schema, name), in key order; no rows without one.
+PRIMARY_KEY_SQL = """
+    SELECT a.attname FROM pg_index i
+    JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
+    JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+    WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND i.indisprimary
+    ORDER BY k.n
+"""
+
+
 async def primary_key(conn: psycopg.AsyncConnection, schema: str, table: str) -> list[str]:
-    """The primary key columns of a table, in key order ([] without one or without the table)."""
-    cur = await conn.execute(
-        """
-        SELECT a.attname FROM pg_index i
-        JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, n) ON true
-        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
-        WHERE i.indrelid = to_regclass(format('%%I.%%I', %s::text, %s::text)) AND i.indisprimary
-        ORDER BY k.n
-        """,
-        (schema, table),
-    )
+    cur = await conn.execute(PRIMARY_KEY_SQL, (schema, table))
     return [str(row[0]) for row in await cur.fetchall()]
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -19,9 +19,9 @@ from psycopg import sql
 
 from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.embedder import packaged_stand_in_model
-from consumer.errors import EventError
 from consumer.events import join_text
 from consumer.kafka import admin_client
+from consumer.schema import PRIMARY_KEY_SQL
 from consumer.settings import Settings
 from consumer.sink import text_hash
 
@@ -82,7 +82,7 @@ def insert_rows(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> No
 @dataclass
 class Consistency:
     missing: list[Any]  # live source rows with text but no vector
-    stale: list[Any]  # vectors not made from the row's current text
+    stale: list[Any]  # vectors not made from the row's current text (or of a row with no text to embed)
     orphaned: list[Any]  # vectors of rows that no longer exist
     live: int
 
@@ -91,39 +91,68 @@ class Consistency:
         return not (self.missing or self.stale or self.orphaned)
 
 
+def as_key(key: Any) -> tuple[str, ...]:
+    """A row's key as the pipeline holds it: 7 -> ("7",), ("acme", 7) -> ("acme", "7")."""
+    return tuple(str(part) for part in key) if isinstance(key, tuple) else (str(key),)
+
+
+def primary_key(conn: psycopg.Connection[Any], schema: str, table: str) -> list[str]:
+    return [row[0] for row in conn.execute(PRIMARY_KEY_SQL, (schema, table))]
+
+
 def check_consistency(
-    conn: psycopg.Connection[Any], settings: Settings, ids: Iterator[int] | None = None
+    conn: psycopg.Connection[Any], settings: Settings, ids: Iterable[Any] | None = None
 ) -> Consistency:
-    """Every live source row has exactly one vector for its current text; deleted rows have none."""
-    id_filter = list(ids) if ids is not None else None
-    where = sql.SQL("WHERE id = ANY(%s)") if id_filter is not None else sql.SQL("")
-    params = (id_filter,) if id_filter is not None else ()
+    """Every source row with text has exactly one vector, of its current text; no other row has one.
+
+    Rows whose text is empty, NULL, whitespace or over CDC_MAX_TEXT_CHARS must have no vector.
+    """
+    columns = primary_key(conn, *settings.source)
+    text_keys = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns)
+    wanted = None if ids is None else [as_key(i) for i in ids]
+    where = sql.SQL("")
+    params: tuple[Any, ...] = ()
+    if wanted is not None:
+        where = sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(
+            text_keys, sql.SQL(", ").join(sql.SQL("%s::text[]") * len(columns))
+        )
+        params = tuple(list(parts) for parts in zip(*wanted, strict=True)) if wanted else ([],) * len(columns)
+    n = len(columns)
     source = {
-        row[0]: row[1:]
+        tuple(row[:n]): row[n:]
         for row in conn.execute(
-            sql.SQL("SELECT id, title, body FROM public.documents {}").format(where), params
+            sql.SQL("SELECT {}, {} FROM {} {}").format(
+                text_keys,
+                sql.SQL(", ").join(map(sql.Identifier, settings.text_column_list)),
+                sql.Identifier(*settings.source),
+                sql.SQL("WHERE ") + where if wanted is not None else where,
+            ),
+            params,
         )
     }
     vectors = {
-        row[0]: row[1:]
+        tuple(row[:n]): bytes(row[n])
         for row in conn.execute(
-            sql.SQL("SELECT id, text_sha256 FROM {} {} {} embedding IS NOT NULL").format(
-                sql.Identifier(*settings.target), where, sql.SQL("AND" if id_filter is not None else "WHERE")
+            sql.SQL("SELECT {}, text_sha256 FROM {} WHERE embedding IS NOT NULL {}").format(
+                text_keys,
+                sql.Identifier(*settings.target),
+                sql.SQL("AND ") + where if wanted is not None else where,
             ),
             params,
         )
     }
     missing, stale, live = [], [], 0
-    for key, (title, body) in source.items():
-        try:
-            text = join_text({"title": title, "body": body}, settings.text_column_list)
-        except EventError:
-            continue  # empty text: dead-lettered, no vector expected
-        live += 1
+    for key, values in source.items():
+        text = join_text(dict(zip(settings.text_column_list, values, strict=True)), settings.text_column_list)
         stored = vectors.get(key)
+        if not text or len(text) > settings.max_text_chars:
+            if stored is not None:
+                stale.append(key)  # a vector of text the row no longer has
+            continue
+        live += 1
         if stored is None:
             missing.append(key)
-        elif bytes(stored[0]) != text_hash(settings.model, text or ""):
+        elif stored != text_hash(settings.model, text):
             stale.append(key)
     orphaned = [key for key in vectors if key not in source]
     conn.commit()
@@ -131,7 +160,7 @@ def check_consistency(
 
 
 def wait_consistent(
-    conn: psycopg.Connection[Any], settings: Settings, ids: list[int], timeout_s: float = 300
+    conn: psycopg.Connection[Any], settings: Settings, ids: Sequence[Any], timeout_s: float = 300
 ) -> Consistency:
     last: list[Consistency] = []
 

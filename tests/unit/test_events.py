@@ -115,6 +115,18 @@ def test_composite_key_in_the_configured_order() -> None:
     assert info.value.error_class is ErrorClass.INVALID_EVENT
 
 
+def test_incremental_snapshot_row_takes_its_window_position_from_the_sequence() -> None:
+    """Debezium 3 sends rows of an incremental snapshot with source.lsn null (seen on the real stack)."""
+    source = source_block(lsn=None, snapshot="incremental", sequence='["29415744","29415744"]')
+    change = run(dumps(envelope("r", after=row(), source=source)))
+    assert (change.op, change.position, change.is_snapshot) == (Op.READ, 29415744, True)
+    for sequence in (None, "[]", "[null]", "nonsense"):
+        bad = source_block(lsn=None, snapshot="incremental", sequence=sequence)
+        assert error_of(dumps(envelope("r", after=row(), source=bad))).error_class is ErrorClass.INVALID_EVENT
+    # a streamed change must carry its own lsn
+    assert error_of(dumps(envelope("u", after=row(), source=source))).error_class is ErrorClass.INVALID_EVENT
+
+
 def test_truncate_has_no_key_and_the_table_position() -> None:
     value = {"before": None, "after": None, "source": source_block(), "op": "t", "ts_ms": TS_MS}
     change = run(dumps(value), key=None)
