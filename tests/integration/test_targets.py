@@ -1,0 +1,75 @@
+"""One model per vector table, checked at start against real Postgres; search compares one model only."""
+
+from __future__ import annotations
+
+import numpy as np
+import psycopg
+import pytest
+from pgvector.psycopg import register_vector_async
+from psycopg import sql
+
+from consumer.schema import SchemaError
+from consumer.search import search
+from consumer.settings import Settings
+from consumer.sink import Kind, Write, WriteBatch, text_hash
+from consumer.stack import LocalStack
+from consumer.targets import ensure_target_state
+from tests.integration.sink_under_test import DIMENSION, postgres_sink
+from tests.key_types import KEY_TYPES
+from tests.unit.fakes import MODEL, FakeEmbedder, unit_vector
+
+pytestmark = pytest.mark.integration
+
+
+async def test_another_model_is_refused_unless_told_to_reembed(stack: LocalStack, settings: Settings) -> None:
+    async with postgres_sink(settings, KEY_TYPES["uuid"], "models") as real:
+        table = real.settings
+        async with await psycopg.AsyncConnection.connect(table.dsn) as conn:
+            await ensure_target_state(conn, table, MODEL, DIMENSION)  # the same model: fine, again
+            with pytest.raises(SchemaError, match="CDC_ON_MODEL_CHANGE=reembed") as refused:
+                await ensure_target_state(conn, table, "another-model", DIMENSION)
+            assert "CDC_VECTOR_TABLE" in str(refused.value)
+            reembed = Settings.model_validate(table.model_dump() | {"on_model_change": "reembed"})
+            await ensure_target_state(conn, reembed, "another-model", DIMENSION)
+            # now the table is the new model's: the old one is refused in turn
+            with pytest.raises(SchemaError):
+                await ensure_target_state(conn, table, MODEL, DIMENSION)
+
+
+async def test_a_table_of_an_older_version_is_judged_by_its_rows(
+    stack: LocalStack, settings: Settings
+) -> None:
+    """No state row yet (a vector table from before it existed): the models in its rows decide."""
+    async with postgres_sink(settings, KEY_TYPES["bigint"], "legacy") as real:
+        table, kt = real.settings, KEY_TYPES["bigint"]
+        vector = unit_vector("x")
+        await real.sink.write(WriteBatch([Write(kt.key_of(1), Kind.VECTOR, 10, False, None, b"h", vector)]))
+        async with await psycopg.AsyncConnection.connect(table.dsn, autocommit=True) as conn:
+            await conn.execute(
+                sql.SQL("DELETE FROM {} WHERE vector_table = %s").format(
+                    sql.Identifier(table.target[0], "cdc_embedder_targets")
+                ),
+                (".".join(table.target),),
+            )
+            with pytest.raises(SchemaError, match=MODEL):
+                await ensure_target_state(conn, table, "a-new-model", DIMENSION)
+
+
+async def test_search_compares_only_vectors_of_its_model(stack: LocalStack, settings: Settings) -> None:
+    kt = KEY_TYPES["text"]
+    async with postgres_sink(settings, kt, "search") as real:
+        table = real.settings
+        for n in (1, 2):
+            real.set_source(n, f"title {n}", "body")
+        query = "title 1\n\nbody"
+        writes = [
+            Write(kt.key_of(n), Kind.VECTOR, 10, False, None, text_hash(MODEL, query), unit_vector(query))
+            for n in (1, 2)
+        ]
+        await real.sink.write(WriteBatch(writes))
+        real.set_model(2, "an older model")  # identical vector, but of another model
+        async with await psycopg.AsyncConnection.connect(table.dsn) as conn:
+            await register_vector_async(conn)
+            hits = await search(conn, table, FakeEmbedder(), query, 5)
+        assert [hit.key for hit in hits] == [kt.values(1)]
+        assert np.isclose(hits[0].similarity, 1.0)
