@@ -34,6 +34,8 @@ class HealthState:
         self.started = False  # the model is loaded and the schema checked
         self.partitions_assigned = False
         self.database_ok = False
+        # what an operator must fix (a grant, a setting, a table) while the consumer holds its batch
+        self.operator_error: str | None = None
 
     def tick(self) -> None:
         self._last_tick = self._clock()
@@ -51,6 +53,8 @@ class HealthState:
     def ready(self) -> tuple[bool, str]:
         if not self.started:
             return False, "starting"
+        if self.operator_error is not None:
+            return False, f"operator error: {self.operator_error}"
         if not self.database_ok:
             return False, "database unavailable"
         if not self.partitions_assigned:
