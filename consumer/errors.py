@@ -277,8 +277,3 @@ def _diagnose_database(exc: psycopg.Error, s: Settings) -> Diagnosis:
     else:
         cause, fix = "the database refuses the consumer's statements", f"see SQLSTATE {state} in its log"
     return Diagnosis(Disposition.OPERATOR, f"{cause} ({said})", fix, database=True)
-
-
-def is_database_outage(exc: BaseException) -> bool:
-    """An error that says Postgres is unreachable (not that one statement is wrong)."""
-    return isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown | OSError | TimeoutError)

@@ -19,9 +19,10 @@ from consumer import metrics
 from consumer.app import EmbeddingConsumer
 from consumer.embedder import Embedder, SentenceTransformerEmbedder
 from consumer.health import HealthState, heartbeat, serve
-from consumer.kafka import KafkaPublisher, ensure_topics, make_consumer, make_producer, unreachable
+from consumer.kafka import KafkaPublisher, ensure_topics, make_consumer, unreachable
 from consumer.logs import get_logger
 from consumer.pipeline import BatchProcessor
+from consumer.producer import TransactionalProducer
 from consumer.schema import ensure_vector_table
 from consumer.settings import Settings
 from consumer.sink import PgVectorSink, open_pool
@@ -61,7 +62,7 @@ async def run_service(
                 info = await ensure_vector_table(conn, settings, embedder.dimension)
             await ensure_topics(settings)
             sink = PgVectorSink(pool, settings, info)
-            producer = make_producer(settings, transactional=True)
+            producer = TransactionalProducer(settings)
             kafka = make_consumer(settings)
             try:
                 await producer.start()
