@@ -5,9 +5,11 @@ topic and its offsets committed atomically, after its vectors are in Postgres. A
 that commit aborts the publishes, and the batch is applied again (the sink makes that a no-op), so a
 record reaches the dead-letter topic exactly once.
 
-While Postgres or the broker is unreachable the loop holds the batch, pauses every partition (the group
-heartbeat goes on in aiokafka's background task) and retries with backoff, so memory stays bounded and
-nothing is skipped.
+A failing batch is held, never skipped (`consumer.commit`): while Postgres or the broker is unreachable,
+or an operator must fix a grant, a setting or a table, the loop pauses every partition (the group
+heartbeat goes on in aiokafka's background task) and retries with backoff, so memory stays bounded
+(`consumer.standstill`). A batch whose partitions moved to another member never commits
+(`consumer.ownership`).
 """
 
 from __future__ import annotations
@@ -19,29 +21,29 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
 from consumer import metrics
 from consumer.batching import gather_batch
-from consumer.errors import ErrorClass, is_database_outage
+from consumer.commit import Batch, BatchCommitter, names
+from consumer.errors import Diagnosis, Disposition, describe, diagnose
 from consumer.events import Origin
 from consumer.health import HealthState
 from consumer.kafka import partition_lag
 from consumer.logs import get_logger
+from consumer.ownership import UNSTAMPED, Claim, Ownership, Stamp
 from consumer.pipeline import BatchProcessor, BatchReport, Record
-from consumer.retry import RetryState, now_ms
+from consumer.producer import Sent, TransactionalProducer
+from consumer.retry import H_ERROR_CLASS, H_ERROR_MESSAGE, RetryState, now_ms
 from consumer.settings import Settings
 from consumer.sink import Sink
+from consumer.standstill import Standstill, backoff
 
 log = get_logger("cdc_embedder.consumer")
 OBSERVE_INTERVAL_S = 2.0
 IDLE_POLL_S = 0.5  # how often an idle loop checks for shutdown
-
-
-class _Outage(Exception):
-    """Postgres or the broker is unreachable: hold the batch, pause, retry."""
 
 
 class EmbeddingConsumer:
@@ -49,20 +51,24 @@ class EmbeddingConsumer:
         self,
         settings: Settings,
         kafka: AIOKafkaConsumer,
-        producer: AIOKafkaProducer,
+        producer: TransactionalProducer,
         processor: BatchProcessor,
         sink: Sink,
         health: HealthState,
     ) -> None:
         self._s = settings
         self._kafka = kafka
-        self._producer = producer
-        self._processor = processor
         self._sink = sink
         self._health = health
         self._lock = asyncio.Lock()  # held while a batch is applied; revocation waits for it
-        self._backoff_paused: dict[TopicPartition, asyncio.TimerHandle] = {}
-        self._in_outage = False
+        self._ownership = Ownership(kafka)
+        self._standstill = Standstill(kafka, health)
+        self._committer = BatchCommitter(
+            settings, kafka, producer, processor, self._ownership, self._standstill
+        )
+        self._claim: dict[TopicPartition, Stamp] = {}  # of the batch being gathered
+        self._fetch_failure: Diagnosis | None = None
+        self._fetch_delay = 0.0
         self._last_record_ms: dict[TopicPartition, int] = {}
         self._stopping = False
 
@@ -79,27 +85,44 @@ class EmbeddingConsumer:
                     IDLE_POLL_S,
                     stop.is_set,
                 )
+                claim, self._claim = self._claim, {}
                 if records:
                     async with self._lock:
-                        await self._apply(self._due(records))
+                        await self._apply(self._due(records), claim)
         finally:
             self._stopping = True
             observer.cancel()
-            for handle in self._backoff_paused.values():
-                handle.cancel()
+            self._standstill.close()
 
-    async def _fetch(self, max_records: int, timeout_s: float) -> list[ConsumerRecord[bytes, bytes]]:
-        batches = await self._kafka.getmany(timeout_ms=max(int(timeout_s * 1000), 1), max_records=max_records)
+    async def _fetch(self, max_records: int, timeout_s: float) -> Batch:
+        try:
+            batches = await self._kafka.getmany(
+                timeout_ms=max(int(timeout_s * 1000), 1), max_records=max_records
+            )
+        except KafkaError as exc:  # e.g. not authorized to read a topic; no batch is held, so no pause
+            self._fetch_failure = diagnose(exc, self._s)
+            self._standstill.report(self._fetch_failure, exc)
+            self._fetch_delay = backoff(self._fetch_delay, self._s.db_retry_backoff_max_s)
+            await asyncio.sleep(self._fetch_delay)
+            return []
+        if self._fetch_failure is not None:
+            if self._standstill.trouble is self._fetch_failure:
+                self._standstill.recovered()
+            self._fetch_failure, self._fetch_delay = None, 0.0
+        for tp in batches:
+            stamp = self._ownership.stamp(tp)
+            if stamp is not None:
+                self._claim.setdefault(tp, stamp)  # a partition assigned anew since is a lost claim
         return [record for records in batches.values() for record in records]
 
-    def _due(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[ConsumerRecord[bytes, bytes]]:
+    def _due(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> Batch:
         """Drop records of revoked partitions; hold back retry records that are not due yet.
 
         A retry partition whose head record is not due is rewound to it and paused until then, which
         neither blocks the source partitions nor polls in a busy loop.
         """
         assigned = self._kafka.assignment()
-        due: list[ConsumerRecord[bytes, bytes]] = []
+        due: Batch = []
         held: set[TopicPartition] = set()
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
@@ -111,100 +134,27 @@ class EmbeddingConsumer:
                 )
                 if wait_ms > 0:
                     held.add(tp)
-                    self._hold(tp, record.offset, wait_ms / 1000)
+                    self._kafka.seek(tp, record.offset)
+                    self._standstill.hold(tp, wait_ms / 1000)
                     continue
             due.append(record)
         return due
 
-    def _hold(self, tp: TopicPartition, offset: int, delay_s: float) -> None:
-        self._kafka.seek(tp, offset)
-        self._kafka.pause(tp)
-        self._backoff_paused[tp] = asyncio.get_running_loop().call_later(delay_s, self._release, tp)
-        self._update_paused()
-
-    def _release(self, tp: TopicPartition) -> None:
-        self._backoff_paused.pop(tp, None)
-        if not self._in_outage and tp in self._kafka.assignment():
-            self._kafka.resume(tp)
-        self._update_paused()
-
-    async def _apply(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+    async def _apply(self, records: Batch, gathered: Claim) -> None:
         if not records:
             return
         started = time.perf_counter()
-        report = await self._holding(records)
+        partitions = {TopicPartition(r.topic, r.partition) for r in records}
+        claim = {tp: gathered.get(tp, UNSTAMPED) for tp in partitions}
+        committed = await self._committer.commit(records, claim)
+        self._standstill.resume_all()
+        if committed is None:
+            return
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             self._last_record_ms[tp] = max(self._last_record_ms.get(tp, 0), record.timestamp)
-        self._record(records, report, time.perf_counter() - started)
-
-    async def _transact(self, records: list[ConsumerRecord[bytes, bytes]], isolate: bool) -> BatchReport:
-        offsets: dict[TopicPartition, int] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            offsets[tp] = max(offsets.get(tp, 0), record.offset + 1)
-        async with self._producer.transaction():
-            if isolate:
-                report = await self._processor.dead_letter(
-                    records[0], ErrorClass.DATABASE_REJECTED, "the record breaks its batch"
-                )
-            else:
-                report = await self._processor.process(records)
-            await self._producer.send_offsets_to_transaction(offsets, self._s.consumer_group)
-        report.record_metrics()
-        return report
-
-    async def _holding(
-        self, records: list[ConsumerRecord[bytes, bytes]], isolate: bool = False
-    ) -> BatchReport:
-        """Apply and commit the batch, holding it through outages; isolate a record that breaks it."""
-        delay = 0.5
-        while True:
-            try:
-                report = await self._transact(records, isolate)
-            except Exception as exc:
-                if not (is_database_outage(exc) or isinstance(exc, KafkaError)):
-                    return await self._isolate(records, exc)
-                await self._wait_out(exc, delay)
-                delay = min(delay * 2, self._s.db_retry_backoff_max_s)
-                continue
-            if self._in_outage:
-                self._end_outage()
-            return report
-
-    async def _isolate(self, records: list[ConsumerRecord[bytes, bytes]], exc: Exception) -> BatchReport:
-        """A non-transient error on a whole batch: apply record by record, dead-letter the culprit."""
-        if len(records) == 1:
-            log.error(
-                "record breaks its batch; dead-lettering it", error=repr(exc), **_origin(records[0]).as_log()
-            )
-            return await self._holding(records, isolate=True)
-        total = BatchReport()
-        for record in records:
-            total.merge(await self._holding([record]))
-        return total
-
-    async def _wait_out(self, exc: BaseException, delay: float) -> None:
-        self._start_outage(exc)
-        # Polling with everything paused returns nothing but keeps this member alive in the group.
-        await self._kafka.getmany(timeout_ms=int(delay * 1000))
-
-    def _start_outage(self, exc: BaseException) -> None:
-        if is_database_outage(exc):
-            metrics.DB_ERRORS.inc()
-            self._health.database_ok = False
-        if not self._in_outage:
-            log.warning("dependency unavailable; pausing partitions until it is back", error=str(exc))
-            self._in_outage = True
-        self._kafka.pause(*self._kafka.assignment())
-        self._update_paused()
-
-    def _end_outage(self) -> None:
-        self._in_outage = False
-        self._health.database_ok = True
-        self._kafka.resume(*(tp for tp in self._kafka.assignment() if tp not in self._backoff_paused))
-        self._update_paused()
-        log.info("dependencies back; partitions resumed")
+        self._record(records, committed.report, time.perf_counter() - started)
+        self._log_routed(committed.sent)
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def _record(self, records: Sequence[Record], report: BatchReport, seconds: float) -> None:
@@ -228,9 +178,23 @@ class EmbeddingConsumer:
             offsets={tp: [min(o), max(o)] for tp, o in offsets.items()},
         )
 
-    def _update_paused(self) -> None:
-        paused = self._kafka.paused()
-        metrics.PAUSED_PARTITIONS.set(len(paused))
+    def _log_routed(self, sent: Sequence[Sent]) -> None:
+        """One line per record the committed batch routed: dead letters warn, retries inform."""
+        for item in sent:
+            headers = dict(item.headers)
+            state = RetryState.from_headers(item.headers, Origin(item.topic, -1, -1))
+            fields = {
+                "key": _text(item.key),
+                "error_class": _text(headers.get(H_ERROR_CLASS)),
+                "reason": _text(headers.get(H_ERROR_MESSAGE)),
+                "attempt": state.attempts,
+                "to": item.topic,
+                **state.origin.as_log(),
+            }
+            if item.topic == self._s.dlq_topic:
+                log.warning("dead-lettered", payload_dropped=item.payload_dropped, **fields)
+            else:
+                log.info("retry scheduled", due_in_s=max(state.not_before_ms - now_ms(), 0) / 1000, **fields)
 
     async def _observe(self) -> None:
         """Lag, database health and assignment, every few seconds."""
@@ -243,11 +207,15 @@ class EmbeddingConsumer:
             try:
                 await asyncio.wait_for(self._sink.ping(), 5)
             except Exception as exc:
-                self._start_outage(exc if is_database_outage(exc) else TimeoutError(str(exc)))
+                down = Diagnosis(Disposition.OUTAGE, f"database unavailable ({describe(exc)})", database=True)
+                self._standstill.report(down, exc)
+                self._standstill.pause_all()
             else:
                 self._health.database_ok = True
-                if self._in_outage and not self._lock.locked():
-                    self._end_outage()
+                # a held batch ends the outage itself, when it commits
+                if self._standstill.database_down and not self._lock.locked():
+                    self._standstill.recovered()
+                    self._standstill.resume_all()
             try:
                 lags = await asyncio.wait_for(partition_lag(self._kafka, set(assigned)), 10)
             except TimeoutError:
@@ -260,25 +228,23 @@ class EmbeddingConsumer:
                 metrics.CONSUMER_LAG_SECONDS.labels(**labels).set(max(age, 0.0))
 
     def forget(self, partitions: set[TopicPartition]) -> None:
+        self._ownership.revoked(partitions)  # from here on, a batch still in flight cannot commit
+        self._standstill.forget(partitions)
         for tp in partitions:
-            handle = self._backoff_paused.pop(tp, None)
-            if handle is not None:
-                handle.cancel()
             self._last_record_ms.pop(tp, None)
             labels = {"topic": tp.topic, "partition": str(tp.partition)}
             for gauge in (metrics.CONSUMER_LAG, metrics.CONSUMER_LAG_SECONDS):
                 with contextlib.suppress(KeyError):
                     gauge.remove(*labels.values())
-        self._update_paused()
 
     def assigned(self, partitions: set[TopicPartition]) -> None:
+        self._ownership.assigned(partitions)
+        self._standstill.assigned(partitions)
         metrics.REBALANCES.inc()
-        if self._in_outage:
-            self._kafka.pause(*partitions)
         assigned = self._kafka.assignment()
         metrics.ASSIGNED_PARTITIONS.set(len(assigned))
         self._health.partitions_assigned = bool(assigned)
-        log.info("partitions assigned", partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+        log.info("partitions assigned", partitions=names(assigned))
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
@@ -286,16 +252,16 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
         self._owner = owner
 
     async def on_partitions_revoked(self, revoked: Any) -> None:
-        # Let the in-flight batch finish and commit; past the grace period its records are simply
-        # re-applied by the new owner, which the idempotent sink makes harmless.
+        # Let the in-flight batch finish and commit. Past the grace period the partitions are given up
+        # anyway: `forget` fences the batch, which then drops uncommitted, and the new owner applies it.
         owner = self._owner
         try:
             await asyncio.wait_for(owner._lock.acquire(), owner._s.shutdown_grace_s)
             owner._lock.release()
         except TimeoutError:
-            log.warning("revocation did not wait for the in-flight batch")
+            log.warning("revocation did not wait for the in-flight batch; it will not commit")
         owner.forget(set(revoked))
-        log.info("partitions revoked", partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked))
+        log.info("partitions revoked", partitions=names(revoked))
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self._owner.assigned(set(assigned))
@@ -303,3 +269,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
 def _origin(record: Record) -> Origin:
     return Origin(record.topic, record.partition, record.offset)
+
+
+def _text(raw: bytes | None, limit: int = 200) -> str | None:
+    return None if raw is None else raw.decode(errors="replace")[:limit]

@@ -21,7 +21,14 @@ from consumer.kafka import (
     stop_groupless,
     unreachable,
 )
-from consumer.retry import H_ERROR_CLASS, H_FIRST_FAILURE_MS, H_ORIGINAL_TOPIC, H_REPLAYED_AT_MS, now_ms
+from consumer.retry import (
+    H_ERROR_CLASS,
+    H_FIRST_FAILURE_MS,
+    H_ORIGINAL_TOPIC,
+    H_PAYLOAD_DROPPED,
+    H_REPLAYED_AT_MS,
+    now_ms,
+)
 from consumer.settings import Settings
 
 
@@ -84,7 +91,13 @@ async def replay_dead_letters(
                         break
                     scanned += 1
                     headers = {name: value for name, value in record.headers or ()}
-                    if keep.matches(headers):
+                    if keep.matches(headers) and H_PAYLOAD_DROPPED in headers:
+                        # no payload to replay: re-publishing its null value would be a tombstone
+                        progress(
+                            f"not replayed: dead letter {tp.partition}:{record.offset} is a reference "
+                            "(its payload was too large); its cdc-original-* headers say where to re-read it"
+                        )
+                    elif keep.matches(headers):
                         topic = headers.get(H_ORIGINAL_TOPIC, settings.source_topic.encode()).decode()
                         stamp = [(H_REPLAYED_AT_MS, str(now_ms()).encode())]
                         await publisher.publish(topic, record.key, record.value, stamp)

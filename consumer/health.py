@@ -34,6 +34,15 @@ class HealthState:
         self.started = False  # the model is loaded and the schema checked
         self.partitions_assigned = False
         self.database_ok = False
+        # what an operator must fix (a grant, a setting, a table) while the consumer holds its batch
+        self.operator_error: str | None = None
+        self.model_stalled = False
+
+    def model_stall(self) -> None:
+        """A model call outlived CDC_MODEL_TIMEOUT_S: its thread cannot be stopped, so only a restart
+        frees the model for the next batch."""
+        self.model_stalled = True
+        metrics.MODEL_TIMEOUTS.inc()
 
     def tick(self) -> None:
         self._last_tick = self._clock()
@@ -46,11 +55,15 @@ class HealthState:
         stalled = self.loop_stalled_for()
         if stalled > self._stall_after_s:
             return False, f"event loop made no progress for {stalled:.1f}s"
+        if self.model_stalled:
+            return False, "a model call outlived CDC_MODEL_TIMEOUT_S and still holds the model thread"
         return True, "ok"
 
     def ready(self) -> tuple[bool, str]:
         if not self.started:
             return False, "starting"
+        if self.operator_error is not None:
+            return False, f"operator error: {self.operator_error}"
         if not self.database_ok:
             return False, "database unavailable"
         if not self.partitions_assigned:

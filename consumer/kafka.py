@@ -38,6 +38,11 @@ TOPIC_PROGRESS_EVERY_S = 30.0
 
 log = get_logger("cdc_embedder.kafka")
 
+# The largest record a fetch brings (aiokafka's default fetch_max_bytes) plus room for the cdc-* headers
+# of its retry or dead-letter copy: the producer itself never refuses a copy of a record it was given;
+# only a topic's max.message.bytes can, and then a reference dead letter goes instead.
+MAX_REQUEST_BYTES = 50 * 1024 * 1024 + 64 * 1024
+
 
 class KafkaUnavailable(OperatorError):
     """The brokers cannot be reached; the message names the setting."""
@@ -92,7 +97,12 @@ def make_producer(settings: Settings, transactional: bool = False) -> AIOKafkaPr
     # One transactional id per process: two consumers on one host must not fence each other.
     txn_id = f"{settings.consumer_group}-{socket.gethostname()}-{os.getpid()}" if transactional else None
     return AIOKafkaProducer(
-        **client_options(settings), acks="all", enable_idempotence=True, linger_ms=5, transactional_id=txn_id
+        **client_options(settings),
+        acks="all",
+        enable_idempotence=True,
+        linger_ms=5,
+        max_request_size=MAX_REQUEST_BYTES,
+        transactional_id=txn_id,
     )
 
 

@@ -50,6 +50,14 @@ TOKENS_EMBEDDED = Counter(f"{PREFIX}_tokens_embedded", "Tokens sent through the 
 TEXTS_TRUNCATED = Counter(f"{PREFIX}_texts_truncated", "Texts longer than the model window, truncated.")
 RETRIES = Counter(f"{PREFIX}_retries", "Records sent to the retry topic.", ["error_class"])
 DEAD_LETTERS = Counter(f"{PREFIX}_dead_letters", "Records sent to the dead-letter topic.", ["error_class"])
+DEAD_LETTER_REFERENCES = Counter(
+    f"{PREFIX}_dead_letter_references",
+    "Dead letters published without their payload (its copy was too large); the headers point at it.",
+)
+PRODUCER_RENEWALS = Counter(
+    f"{PREFIX}_producer_renewals", "Transactional producers rebuilt after they were fenced or failed."
+)
+MODEL_TIMEOUTS = Counter(f"{PREFIX}_model_timeouts", "Model calls that outlived CDC_MODEL_TIMEOUT_S.")
 REPLAYED = Counter(f"{PREFIX}_replayed", "Dead-lettered records re-published to the source topic.")
 DB_ERRORS = Counter(f"{PREFIX}_db_errors", "Failed database round trips (retried with backoff).")
 CONSUMER_LAG = Gauge(

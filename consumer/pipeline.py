@@ -371,17 +371,8 @@ class BatchProcessor:
             *(self._publisher.publish(r.topic, f.record.key, f.record.value, r.headers) for f, r in routes)
         )
         for failure, route in routes:
-            outcome = "dead_lettered" if route.dead_letter else "retried"
-            report.add(failure.op, outcome)
-            (log.warning if route.dead_letter else log.info)(
-                "dead-lettered" if route.dead_letter else "retrying",
-                key=_printable(failure.record.key),
-                error_class=failure.error_class.value,
-                reason=failure.message[:500],
-                to=route.topic,
-                origin=failure.state.origin.as_log(),
-            )
-        report.failures += routes
+            report.add(failure.op, "dead_lettered" if route.dead_letter else "retried")
+        report.failures += routes  # logged by the consumer once its transaction published them
 
 
 def _write(change: Change, kind: Kind, digest: bytes | None = None, vector: Vector | None = None) -> Write:
@@ -390,7 +381,3 @@ def _write(change: Change, kind: Kind, digest: bytes | None = None, vector: Vect
 
 def _admitted(state: State, change: Change, model: str) -> bool:
     return state.admits(change.key, change.position, change.is_snapshot, model)
-
-
-def _printable(raw: bytes | None) -> str | None:
-    return None if raw is None else raw[:200].decode(errors="replace")

@@ -28,6 +28,7 @@ H_ORIGINAL_TOPIC = "cdc-original-topic"
 H_ORIGINAL_PARTITION = "cdc-original-partition"
 H_ORIGINAL_OFFSET = "cdc-original-offset"
 H_REPLAYED_AT_MS = "cdc-replayed-at-ms"
+H_PAYLOAD_DROPPED = "cdc-payload-dropped"  # a reference dead letter: the copy was too large to publish
 _MAX_MESSAGE_BYTES = 2000
 
 

@@ -26,12 +26,12 @@ from consumer.kafka import (
     admin_client,
     ensure_topics,
     make_consumer,
-    make_producer,
     unreachable,
     wait_for_topic,
 )
 from consumer.logs import get_logger
 from consumer.pipeline import BatchProcessor
+from consumer.producer import TransactionalProducer
 from consumer.schema import ensure_vector_table
 from consumer.settings import Settings
 from consumer.sink import PgVectorSink, open_pool
@@ -108,7 +108,7 @@ async def _consume(
     stop: asyncio.Event,
     key_columns: tuple[str, ...],
 ) -> None:
-    producer = make_producer(settings, transactional=True)
+    producer = TransactionalProducer(settings)
     kafka = make_consumer(settings)
     try:
         await producer.start()
@@ -116,7 +116,9 @@ async def _consume(
     except (KafkaError, OSError) as exc:
         raise unreachable(settings, exc) from exc
     try:
-        processor = BatchProcessor(settings, embedder, sink, KafkaPublisher(producer), executor, key_columns)
+        processor = BatchProcessor(
+            settings, embedder, sink, KafkaPublisher(producer), executor, key_columns, health.model_stall
+        )
         consumer = EmbeddingConsumer(settings, kafka, producer, processor, sink, health)
         log.info("started", dimension=embedder.dimension, vector_table=settings.vector_table)
         await _run_until_stopped(consumer, stop, settings.shutdown_grace_s)

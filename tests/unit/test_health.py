@@ -73,6 +73,26 @@ def test_ready_reports_the_first_missing_condition(state: HealthState) -> None:
     assert state.ready() == (True, "ok")
 
 
+def test_an_operator_error_makes_the_consumer_not_ready_and_says_what_to_fix(state: HealthState) -> None:
+    make_ready(state)
+    state.operator_error = "the database is read-only: point CDC_DATABASE_URL at the primary"
+    state.database_ok = False
+    assert state.ready() == (
+        False,
+        "operator error: the database is read-only: point CDC_DATABASE_URL at the primary",
+    )
+    state.operator_error = None
+    state.database_ok = True
+    assert state.ready() == (True, "ok")
+
+
+def test_a_stalled_model_call_fails_liveness_for_a_restart(state: HealthState) -> None:
+    assert state.live() == (True, "ok")
+    state.model_stall()
+    alive, reason = state.live()
+    assert alive is False and "CDC_MODEL_TIMEOUT_S" in reason
+
+
 def test_startup(state: HealthState) -> None:
     assert state.startup() == (False, "loading model")
     state.started = True
