@@ -76,6 +76,27 @@ def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.ops.backfill import follow_backfill, plan_backfill, request_backfill, source_end_offsets
+
+    async def backfill() -> int:
+        async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
+            plan = await plan_backfill(conn, settings, args.where)
+            say(("would snapshot " if args.dry_run else "snapshotting ") + plan.describe(settings))
+            if args.dry_run or not plan.rows:
+                return 0
+            start = await source_end_offsets(settings)
+            signal = await request_backfill(conn, settings, args.where)
+        say(f"asked Debezium for an incremental snapshot (signal {signal}); live changes keep flowing")
+        if args.no_follow:
+            return 0
+        seen = await follow_backfill(settings, start, plan.rows)
+        say(f"{seen} of {plan.rows} snapshot rows reached {settings.source_topic}; the consumer embeds them")
+        return 0 if seen >= plan.rows else 1
+
+    return asyncio.run(backfill())
+
+
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.demo import run_demo
 
@@ -113,6 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--error-class", default=None, help="only records of this class (e.g. model_error)")
     replay.add_argument("--since", default=None, help="first failed at or after (ISO 8601)")
     replay.add_argument("--until", default=None, help="first failed at or before (ISO 8601)")
+    backfill = commands.add_parser(
+        "backfill", help="snapshot rows through Debezium (incremental) so that they get vectors"
+    )
+    backfill.add_argument("--where", default=None, help="SQL condition on the source table (default: all)")
+    backfill.add_argument("--dry-run", action="store_true", help="say how many rows and tokens; do nothing")
+    backfill.add_argument("--no-follow", action="store_true", help="ask for the snapshot and return")
     demo = commands.add_parser("demo", help="stack up, connector, sample rows, consumer, then a search")
     demo.add_argument("--file", type=Path, default=None, help="JSONL of {id, title, body} rows to load")
     bench = commands.add_parser(
@@ -138,6 +165,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "connector": _cmd_connector,
     "search": _cmd_search,
     "replay-dlq": _cmd_replay,
+    "backfill": _cmd_backfill,
     "demo": _cmd_demo,
     "bench": _cmd_bench,
 }

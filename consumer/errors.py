@@ -251,8 +251,9 @@ def _diagnose_database(exc: psycopg.Error, s: Settings) -> Diagnosis:
     elif isinstance(exc, errors.InsufficientPrivilege):
         cause, fix = (
             "the consumer's database role lacks a privilege",
-            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s.vector_table} and GRANT SELECT ON "
-            f"{s.source_table} to the role of {url} (deploy/sql/roles.sql)",
+            f"GRANT SELECT, INSERT, UPDATE, DELETE ON {s.vector_table}, SELECT, INSERT, UPDATE ON "
+            f"{s.target[0]}.cdc_embedder_targets and SELECT ON {s.source_table} to the role of {url} "
+            "(deploy/sql/roles.sql)",
         )
     elif isinstance(exc, errors.UndefinedTable | errors.InvalidSchemaName):
         cause, fix = (
@@ -263,7 +264,8 @@ def _diagnose_database(exc: psycopg.Error, s: Settings) -> Diagnosis:
     elif isinstance(exc, errors.UndefinedColumn):
         cause, fix = (
             "a column is missing",
-            f"check the key and text column settings ({env_name('text_columns')}) against "
+            f"check the key and text column settings ({env_name('key_columns')}, "
+            f"{env_name('text_columns')}) against "
             f"{s.source_table}, and the columns of {s.vector_table}",
         )
     elif isinstance(exc, errors.UndefinedObject | errors.UndefinedFunction):

@@ -145,6 +145,8 @@ def test_garbage_in_the_source_topic(settings: Settings, pipeline: ConsumerProce
         (b'{"id": 3400002}', b'{"op": "x", "source": {"lsn": 1}}'),
         (b'{"id": 3400003}', b"[1, 2, 3]"),
         (b"\xff\xfe", b"{}"),
+        # near the topic's size limit: its dead-letter copy, headers added, must still be written
+        (b'{"id": 3400004}', b"\x00" + bytes(range(256)) * 3900),
     ]
     dead_before = pipeline.metric_sum("cdc_embedder_dead_letters_total")
 
@@ -157,9 +159,10 @@ def test_garbage_in_the_source_topic(settings: Settings, pipeline: ConsumerProce
         60,
         "the poison messages to be dead-lettered",
     )
-    letters = dead_letters_for(settings, {3_400_001, 3_400_002, 3_400_003})
+    letters = dead_letters_for(settings, {3_400_001, 3_400_002, 3_400_003, 3_400_004})
     assert sorted(h[H_ERROR_CLASS] for _, h in letters) == [
         b"invalid_event",
+        b"invalid_json",
         b"invalid_json",
         b"unknown_operation",
     ]

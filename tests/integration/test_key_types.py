@@ -131,8 +131,39 @@ def test_every_path_for_the_key_type(
             )
             wait_consistent(db, table, keys, timeout_s=120)
             assert vector_count(db, table) == 1
+            events = consumer.metric_sum("cdc_embedder_events_total")  # every record of the topic
+            replay_changes_nothing(table_env, logs_dir / f"kt-{kt.name}-replay.log", db, table, events)
     finally:
         assert consumer.stop() == 0, consumer.tail()
+
+
+def replay_changes_nothing(
+    table_env: dict[str, str], log_file: Path, db: psycopg.Connection[Any], table: Settings, events: float
+) -> None:
+    """A new group reads the whole topic again: keys read back must match keys decoded, so nothing
+    is embedded again and no row changes."""
+    before = rows_of(db, table)
+    replay = ConsumerProcess(
+        {**table_env, "CDC_CONSUMER_GROUP": f"{table_env['CDC_CONSUMER_GROUP']}-replay"}, log_file
+    )
+    replay.start().wait_ready()
+    try:
+        wait_until(
+            lambda: replay.metric_sum("cdc_embedder_events_total") >= events,
+            180,
+            "the replaying consumer to catch up",
+        )
+        assert replay.metric_sum("cdc_embedder_texts_embedded_total") == 0
+    finally:
+        assert replay.stop() == 0, replay.tail()
+    assert rows_of(db, table) == before
+
+
+def rows_of(db: psycopg.Connection[Any], table: Settings) -> list[tuple[Any, ...]]:
+    rows = db.execute(
+        sql.SQL("SELECT * FROM {} ORDER BY 1, 2").format(sql.Identifier(*table.target))
+    ).fetchall()
+    return [tuple(str(v) for v in row) for row in rows]
 
 
 def toasted(db: psycopg.Connection[Any], table: Settings, kt: KeyType, n: int) -> bool:

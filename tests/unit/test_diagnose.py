@@ -111,8 +111,8 @@ def test_kafka_refusals_are_operator_errors_naming_the_fix(exc: kafka.KafkaError
         (
             psycopg.errors.InsufficientPrivilege("permission denied for table document_embeddings"),
             "lacks a privilege",
-            "GRANT SELECT, INSERT, UPDATE, DELETE ON public.document_embeddings and GRANT SELECT ON "
-            "public.documents",
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON public.document_embeddings, SELECT, INSERT, UPDATE ON "
+            "public.cdc_embedder_targets and SELECT ON public.documents",
         ),
         (
             psycopg.errors.UndefinedTable('relation "x" does not exist'),

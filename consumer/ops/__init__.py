@@ -1,0 +1,1 @@
+"""Operations on the vectors over time, run from the CLI beside the consumer."""
