@@ -18,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
     return cli.build_parser()
 
 
-DOCUMENTED = ["run", "stack", "connector", "search", "replay-dlq", "demo", "bench"]
+DOCUMENTED = ["run", "stack", "connector", "search", "replay-dlq", "backfill", "demo", "bench"]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[str]:
@@ -51,6 +51,8 @@ def test_the_documented_commands_exist_and_dispatch(parser: argparse.ArgumentPar
             ["replay-dlq"],
             {"command": "replay-dlq", "error_class": None, "since": None, "until": None},
         ),
+        (["backfill"], {"command": "backfill", "where": None, "dry_run": False, "no_follow": False}),
+        (["backfill", "--where", "id > 5", "--dry-run"], {"where": "id > 5", "dry_run": True}),
         (
             [
                 "replay-dlq",
