@@ -23,8 +23,6 @@ class ErrorClass(StrEnum):
     INVALID_EVENT = "invalid_event"
     UNKNOWN_OPERATION = "unknown_operation"
     MISSING_TEXT = "missing_text"
-    EMPTY_TEXT = "empty_text"
-    TEXT_REFUSED = "text_refused"
     DATABASE_REJECTED = "database_rejected"  # the row itself breaks a statement (not an outage)
     # transient: the world is wrong for now; retried with backoff, dead-lettered after the last attempt
     MODEL_ERROR = "model_error"
@@ -43,8 +41,6 @@ _PERMANENT = frozenset(
         ErrorClass.INVALID_EVENT,
         ErrorClass.UNKNOWN_OPERATION,
         ErrorClass.MISSING_TEXT,
-        ErrorClass.EMPTY_TEXT,
-        ErrorClass.TEXT_REFUSED,
         ErrorClass.DATABASE_REJECTED,
     }
 )

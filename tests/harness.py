@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -202,6 +204,18 @@ async def create_source_topic(settings: Settings) -> None:
     async with admin_client(settings) as admin:
         if settings.source_topic not in await admin.list_topics():
             await admin.create_topics([NewTopic(settings.source_topic, settings.stack_topic_partitions, 1)])
+
+
+def cli(env: dict[str, str], *args: str, timeout_s: float = 600) -> subprocess.CompletedProcess[str]:
+    """`cdc-embedder ARGS` as a user runs it, with the stack's settings in its environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "consumer.cli", *args],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
 
 
 def exercise(consumer: ConsumerProcess, settings: Settings, id_base: int) -> None:

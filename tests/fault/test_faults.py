@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -25,7 +22,7 @@ from consumer.settings import Settings
 from consumer.stack import LocalStack
 from tests.fault.workload import Workload, read_topic
 from tests.flaky_consumer import FAIL_ALWAYS, FAIL_TWICE
-from tests.harness import flaky_consumer, produce, wait_consistent
+from tests.harness import cli, flaky_consumer, produce, wait_consistent
 
 pytestmark = pytest.mark.fault
 
@@ -270,14 +267,8 @@ def test_replaying_dead_letters_once_the_cause_is_fixed(
 
 def replay_cli(env: dict[str, str], *args: str) -> int:
     """`cdc-embedder replay-dlq ...` as a user runs it; returns how many records it says it replayed."""
-    result = subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "replay-dlq", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    result = cli(env, "replay-dlq", *args)
+    assert result.returncode == 0, result.stdout + result.stderr
     found = re.search(r"replayed (\d+) of (\d+) dead letters", result.stdout)
     assert found, result.stdout + result.stderr
     return int(found.group(1))

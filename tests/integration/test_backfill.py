@@ -3,9 +3,7 @@ incremental snapshot, and rows whose vector is there cost no model call."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -17,21 +15,14 @@ from consumer.connectors import publication_name, register_connector
 from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.settings import Settings
 from consumer.stack import LocalStack
-from tests.harness import corpus_rows, insert_rows, wait_consistent
+from tests.harness import cli, corpus_rows, insert_rows, wait_consistent
 
 pytestmark = pytest.mark.integration
 WHERE = "id >= 3700000 AND id < 3800000"
 
 
 def backfill(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "backfill", *args],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    return cli(env, "backfill", *args)
 
 
 def test_backfill_fills_missing_vectors_and_skips_current_ones(

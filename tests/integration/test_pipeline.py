@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,7 @@ from pgvector.psycopg import register_vector
 from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.embedder import SentenceTransformerEmbedder
 from consumer.settings import Settings
-from tests.harness import corpus_rows, flaky_consumer, insert_rows, wait_consistent
+from tests.harness import cli, corpus_rows, flaky_consumer, insert_rows, wait_consistent
 
 pytestmark = pytest.mark.integration
 
@@ -166,14 +163,8 @@ def test_search_command_finds_a_row_by_its_meaning(
     thousand: list[dict[str, Any]], env: dict[str, str]
 ) -> None:
     row = thousand[10]
-    result = subprocess.run(
-        [sys.executable, "-m", "consumer.cli", "search", f"{row['title']}\n\n{row['body']}", "-k", "3"],
-        env={**os.environ, **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=True,
-    )
+    result = cli(env, "search", f"{row['title']}\n\n{row['body']}", "-k", "3")
+    assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert lines[0].startswith("search "), result.stdout
     # Rows with the very same text tie at similarity 1; the row must be among the top ones.

@@ -54,8 +54,6 @@ def test_error_classes_split() -> None:
         ErrorClass.INVALID_EVENT,
         ErrorClass.UNKNOWN_OPERATION,
         ErrorClass.MISSING_TEXT,
-        ErrorClass.EMPTY_TEXT,
-        ErrorClass.TEXT_REFUSED,
         ErrorClass.DATABASE_REJECTED,
     }
     assert set(TRANSIENT) == {
