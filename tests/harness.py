@@ -31,13 +31,15 @@ REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus" / "debian-descriptions.jsonl"
 FLAKY_CONSUMER = Path(__file__).with_name("flaky_consumer.py")
 
-# Ports and folder apart from a developer's own `cdc-embedder stack up`, so both can run at once.
+# Ports and folder apart from a developer's own `cdc-embedder stack up`, so both can run at once;
+# CDC_TEST_PORT_SHIFT moves them again, for a second checkout testing on the same machine.
+PORT_SHIFT = int(os.environ.get("CDC_TEST_PORT_SHIFT", "0"))
 STACK_ENV = {
     "CDC_STACK_DIR": str(REPO / ".stack-test"),
-    "CDC_STACK_PG_PORT": "55439",
-    "CDC_STACK_KAFKA_PORT": "29092",
-    "CDC_STACK_KAFKA_CONTROLLER_PORT": "29093",
-    "CDC_STACK_CONNECT_PORT": "28083",
+    "CDC_STACK_PG_PORT": str(55439 + PORT_SHIFT),
+    "CDC_STACK_KAFKA_PORT": str(29092 + PORT_SHIFT),
+    "CDC_STACK_KAFKA_CONTROLLER_PORT": str(29093 + PORT_SHIFT),
+    "CDC_STACK_CONNECT_PORT": str(28083 + PORT_SHIFT),
     "CDC_BATCH_MAX_WAIT_MS": "100",
     "CDC_RETRY_MAX_ATTEMPTS": "3",
     "CDC_RETRY_BACKOFF_INITIAL_S": "1",
