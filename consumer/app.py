@@ -34,9 +34,10 @@ from consumer.health import HealthState
 from consumer.kafka import partition_lag
 from consumer.logs import get_logger
 from consumer.ownership import UNSTAMPED, Claim, Ownership, Stamp
-from consumer.pipeline import BatchProcessor, BatchReport, Record
+from consumer.pipeline import BatchReport, Record
 from consumer.producer import Sent, TransactionalProducer
 from consumer.retry import H_ERROR_CLASS, H_ERROR_MESSAGE, RetryState, now_ms
+from consumer.router import Processor
 from consumer.settings import Settings
 from consumer.sink import Sink
 from consumer.standstill import Standstill, backoff
@@ -52,11 +53,14 @@ class EmbeddingConsumer:
         settings: Settings,
         kafka: AIOKafkaConsumer,
         producer: TransactionalProducer,
-        processor: BatchProcessor,
+        processor: Processor,
         sink: Sink,
         health: HealthState,
+        source_topics: Sequence[str] = (),
     ) -> None:
+        """`source_topics`: of every pipeline; by default the one of `settings`."""
         self._s = settings
+        self._topics = [*(source_topics or [settings.source_topic]), settings.retry_topic]
         self._kafka = kafka
         self._sink = sink
         self._health = health
@@ -74,7 +78,7 @@ class EmbeddingConsumer:
 
     # --- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
-        self._kafka.subscribe([self._s.source_topic, self._s.retry_topic], listener=_Listener(self))
+        self._kafka.subscribe(self._topics, listener=_Listener(self))
         observer = asyncio.create_task(self._observe(), name="observe")
         try:
             while not stop.is_set():

@@ -21,8 +21,9 @@ from aiokafka.errors import KafkaError
 from consumer.errors import Diagnosis, Disposition, ErrorClass, RowsRejected, diagnose, rebuilt_in_vain
 from consumer.logs import get_logger
 from consumer.ownership import Claim, Ownership
-from consumer.pipeline import BatchProcessor, BatchReport, Record
+from consumer.pipeline import BatchReport, Record
 from consumer.producer import Fenced, Sent, TransactionalProducer
+from consumer.router import Processor
 from consumer.settings import Settings
 from consumer.standstill import Standstill, backoff
 
@@ -46,7 +47,7 @@ class BatchCommitter:
         settings: Settings,
         kafka: AIOKafkaConsumer,
         producer: TransactionalProducer,
-        processor: BatchProcessor,
+        processor: Processor,
         ownership: Ownership,
         standstill: Standstill,
     ) -> None:

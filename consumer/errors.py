@@ -24,6 +24,7 @@ class ErrorClass(StrEnum):
     UNKNOWN_OPERATION = "unknown_operation"
     MISSING_TEXT = "missing_text"
     DATABASE_REJECTED = "database_rejected"  # the row itself breaks a statement (not an outage)
+    NO_PIPELINE = "no_pipeline"  # a retry record of a topic no declared pipeline reads (any more)
     # transient: the world is wrong for now; retried with backoff, dead-lettered after the last attempt
     MODEL_ERROR = "model_error"
     MODEL_OUT_OF_MEMORY = "model_out_of_memory"
@@ -42,6 +43,7 @@ _PERMANENT = frozenset(
         ErrorClass.UNKNOWN_OPERATION,
         ErrorClass.MISSING_TEXT,
         ErrorClass.DATABASE_REJECTED,
+        ErrorClass.NO_PIPELINE,
     }
 )
 

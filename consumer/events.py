@@ -148,20 +148,20 @@ def _key(raw_key: bytes | None, key_columns: tuple[str, ...]) -> Key:
     return tuple(p for p in parts if p is not None)
 
 
-def join_text(row: dict[str, Any], text_columns: tuple[str, ...]) -> str | None:
-    """The text to embed: the configured columns joined, or None when one must be read from the source."""
-    parts = []
+def join_text(row: dict[str, Any], text_columns: tuple[str, ...], template: str | None = None) -> str | None:
+    """The text to embed: the columns joined (or put into the template), or None when one must be read
+    from the source; "" when the row has no text to embed."""
+    values: dict[str, str] = {}
     for column in text_columns:
         if column not in row:
             raise EventError(ErrorClass.MISSING_TEXT, f"row has no column {column!r}")
         value = row[column]
         if value == UNAVAILABLE_PLACEHOLDER:
             return None
-        if value is not None and not isinstance(value, str):
-            value = str(value)
-        if value and value.strip():
-            parts.append(value.strip())
-    return TEXT_SEPARATOR.join(parts)  # "" when all are empty: the row has no text to embed
+        values[column] = "" if value is None else value if isinstance(value, str) else str(value)
+    if template is not None:
+        return template.format_map(values).strip()
+    return TEXT_SEPARATOR.join(v.strip() for v in values.values() if v.strip())
 
 
 def decode(
@@ -170,6 +170,7 @@ def decode(
     origin: Origin,
     key_columns: tuple[str, ...],
     text_columns: tuple[str, ...],
+    template: str | None = None,
 ) -> Change:
     envelope = _load(raw_value, "value")
     if envelope is None:
@@ -196,7 +197,7 @@ def decode(
     after = envelope.get("after")
     if not isinstance(after, dict):
         raise EventError(ErrorClass.INVALID_EVENT, f"op {op.value!r} without an 'after' row")
-    return Change(key, op, position, join_text(after, text_columns), source_ts_ms, origin)
+    return Change(key, op, position, join_text(after, text_columns, template), source_ts_ms, origin)
 
 
 def op_label(raw_value: bytes | None) -> str:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import os
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -198,20 +198,25 @@ async def wait_for_topic(
     return False
 
 
-async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
-    """Create the retry and dead-letter topics like the source topic, which must exist; warn where
-    existing ones fall short. Only topics known to exist are described: that asks for their metadata."""
+async def ensure_topics(
+    admin: AIOKafkaAdminClient, settings: Settings, sources: Sequence[str] | None = None
+) -> None:
+    """Create the retry and dead-letter topics like the source topics (of every pipeline; by default
+    the one of `settings`), which must exist: as many partitions as the widest, room for the largest
+    record of any. Warn where existing ones fall short. Only topics known to exist are described: that
+    asks for their metadata."""
+    sources = list(sources or [settings.source_topic])
     existing = set(await admin.list_topics())
     ours = [t for t in (settings.retry_topic, settings.dlq_topic) if t in existing]
     wanted = dict.fromkeys(CHECKED)
     described = await admin.describe_configs(
-        [ConfigResource(ConfigResourceType.TOPIC, t, wanted) for t in [settings.source_topic, *ours]]
+        [ConfigResource(ConfigResourceType.TOPIC, t, wanted) for t in [*sources, *ours]]
     )
     configs = described_configs(r.to_object() for r in described)
     brokers = len((await admin.describe_cluster())["brokers"])
-    plans = plan_topics(
-        settings, await _source_partitions(admin, settings), _source_max_bytes(configs, settings), brokers
-    )
+    partitions = max([await _source_partitions(admin, settings, topic) for topic in sources])
+    max_bytes = max(_source_max_bytes(configs, topic) for topic in sources)
+    plans = plan_topics(settings, partitions, max_bytes, brokers)
     await _create_topics(admin, [p for p in plans if p.name not in existing])
     for plan in plans:
         if plan.name in existing and (short := shortfalls(plan.configs, configs.get(plan.name, {}))):
@@ -224,22 +229,22 @@ async def ensure_topics(admin: AIOKafkaAdminClient, settings: Settings) -> None:
             )
 
 
-async def _source_partitions(admin: AIOKafkaAdminClient, settings: Settings) -> int:
-    (source,) = await admin.describe_topics([settings.source_topic])
+async def _source_partitions(admin: AIOKafkaAdminClient, settings: Settings, topic: str) -> int:
+    (source,) = await admin.describe_topics([topic])
     if not source["partitions"] and settings.topic_partitions is None:
         raise TopicSetupError(
-            f"cannot see the partitions of {settings.source_topic} (error code {source['error_code']}): "
+            f"cannot see the partitions of {topic} (error code {source['error_code']}): "
             f"grant the consumer Describe on it, or set {env_name('topic_partitions')}"
         )
     return len(source["partitions"])
 
 
-def _source_max_bytes(configs: dict[str, dict[str, str]], settings: Settings) -> int:
-    value = configs.get(settings.source_topic, {}).get("max.message.bytes")
+def _source_max_bytes(configs: dict[str, dict[str, str]], topic: str) -> int:
+    value = configs.get(topic, {}).get("max.message.bytes")
     if value is None:
         log.warning(
             "cannot read the source topic's max.message.bytes; assuming Kafka's default",
-            topic=settings.source_topic,
+            topic=topic,
             assumed=KAFKA_DEFAULT_MAX_MESSAGE_BYTES,
             fix="grant the consumer DescribeConfigs on the topic",
         )

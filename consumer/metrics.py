@@ -1,5 +1,7 @@
 """Prometheus metrics: one prefix, base units, no keys or offsets as labels.
 
+What is per pipeline carries a `pipeline` label: one value per declared pipeline, so it stays bounded.
+
 The Grafana dashboard and the alert rules under ``deploy/observability/`` query these names; the
 observability tests fail if either uses a series this module does not export.
 """
@@ -30,7 +32,9 @@ OUTCOMES = (
 _SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 _SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0, 30.0, 60.0)
 
-EVENTS = Counter(f"{PREFIX}_events", "Change events consumed, by operation and outcome.", ["op", "outcome"])
+EVENTS = Counter(
+    f"{PREFIX}_events", "Change events consumed, by operation and outcome.", ["pipeline", "op", "outcome"]
+)
 BATCHES = Counter(f"{PREFIX}_batches", "Micro-batches processed.")
 BATCH_SIZE = Histogram(f"{PREFIX}_batch_size_events", "Events per micro-batch.", buckets=_SIZE_BUCKETS)
 MODEL_SECONDS = Histogram(f"{PREFIX}_model_seconds", "Model time per batch.", buckets=_SECONDS_BUCKETS)
@@ -38,18 +42,26 @@ DB_SECONDS = Histogram(f"{PREFIX}_db_seconds", "Database time per batch.", bucke
 END_TO_END_SECONDS = Histogram(
     f"{PREFIX}_end_to_end_seconds",
     "Source commit (Debezium source.ts_ms) to vector commit.",
+    ["pipeline"],
     buckets=_SECONDS_BUCKETS,
 )
 CAPTURE_SECONDS = Histogram(
     f"{PREFIX}_capture_seconds",
     "Source commit to the change's Kafka record (Debezium and Connect); the rest of end to end is ours.",
+    ["pipeline"],
     buckets=_SECONDS_BUCKETS,
 )
-TEXTS_EMBEDDED = Counter(f"{PREFIX}_texts_embedded", "Texts sent through the model.")
-TOKENS_EMBEDDED = Counter(f"{PREFIX}_tokens_embedded", "Tokens sent through the model, after truncation.")
-TEXTS_TRUNCATED = Counter(f"{PREFIX}_texts_truncated", "Texts longer than the model window, truncated.")
-RETRIES = Counter(f"{PREFIX}_retries", "Records sent to the retry topic.", ["error_class"])
-DEAD_LETTERS = Counter(f"{PREFIX}_dead_letters", "Records sent to the dead-letter topic.", ["error_class"])
+TEXTS_EMBEDDED = Counter(f"{PREFIX}_texts_embedded", "Texts sent through the model.", ["pipeline"])
+TOKENS_EMBEDDED = Counter(
+    f"{PREFIX}_tokens_embedded", "Tokens sent through the model, after truncation.", ["pipeline"]
+)
+TEXTS_TRUNCATED = Counter(
+    f"{PREFIX}_texts_truncated", "Texts longer than the model window, truncated.", ["pipeline"]
+)
+RETRIES = Counter(f"{PREFIX}_retries", "Records sent to the retry topic.", ["pipeline", "error_class"])
+DEAD_LETTERS = Counter(
+    f"{PREFIX}_dead_letters", "Records sent to the dead-letter topic.", ["pipeline", "error_class"]
+)
 DEAD_LETTER_REFERENCES = Counter(
     f"{PREFIX}_dead_letter_references",
     "Dead letters published without their payload (its copy was too large); the headers point at it.",
@@ -77,7 +89,7 @@ LAST_BATCH_TIMESTAMP = Gauge(
 LOOP_HEARTBEAT_TIMESTAMP = Gauge(
     f"{PREFIX}_event_loop_heartbeat_timestamp_seconds", "Unix time the event loop last ticked."
 )
-MODEL_INFO = Info(f"{PREFIX}_model", "The embedding model in use.")
+MODEL_INFO = Info(f"{PREFIX}_model", "The embedding model of each pipeline.", ["pipeline"])
 BUILD_INFO = Info(f"{PREFIX}_build", "Version of cdc-embedder.")
 
 
@@ -92,9 +104,9 @@ def record_build_info() -> None:
     BUILD_INFO.info({"version": package_version(), "python": platform.python_version()})
 
 
-def record_model_info(name: str, dimension: int, dtype: str) -> None:
-    MODEL_INFO.info({"name": name, "dimension": str(dimension), "dtype": dtype})
+def record_model_info(pipeline: str, name: str, dimension: int, dtype: str) -> None:
+    MODEL_INFO.labels(pipeline=pipeline).info({"name": name, "dimension": str(dimension), "dtype": dtype})
 
 
-def count_event(op: str, outcome: str, n: int = 1) -> None:
-    EVENTS.labels(op=op, outcome=outcome).inc(n)
+def count_event(pipeline: str, op: str, outcome: str, n: int = 1) -> None:
+    EVENTS.labels(pipeline=pipeline, op=op, outcome=outcome).inc(n)

@@ -61,18 +61,20 @@ class BatchReport:
     """What one batch did. Its metrics are counted by `record_metrics` once the batch is committed in
     Kafka too, so a batch applied again after a failed commit is counted once."""
 
+    pipeline: str = ""  # the metric label of what this batch (or the part of it) added
     outcomes: Tally[str] = field(default_factory=Tally)
-    events: Tally[tuple[str, str]] = field(default_factory=Tally)  # (op, outcome)
+    events: Tally[tuple[str, str, str]] = field(default_factory=Tally)  # (pipeline, op, outcome)
     embedded_texts: int = 0
     model_s: float = 0.0
     db_s: float = 0.0
     written_rows: int = 0
-    failures: list[tuple[Failure, Route]] = field(default_factory=list)
-    freshness: list[tuple[float, float | None]] = field(default_factory=list)  # end to end, capture (s)
+    failures: list[tuple[str, Failure, Route]] = field(default_factory=list)  # (pipeline, ...)
+    # (pipeline, end to end, capture) in seconds
+    freshness: list[tuple[str, float, float | None]] = field(default_factory=list)
 
     def add(self, op: str, outcome: str) -> None:
         self.outcomes[outcome] += 1
-        self.events[(op, outcome)] += 1
+        self.events[(self.pipeline, op, outcome)] += 1
 
     def merge(self, other: BatchReport) -> None:
         self.outcomes.update(other.outcomes)
@@ -85,16 +87,16 @@ class BatchReport:
         self.freshness += other.freshness
 
     def record_metrics(self) -> None:
-        for (op, outcome), n in self.events.items():
-            metrics.count_event(op, outcome, n)
-        for failure, route in self.failures:
+        for (pipeline, op, outcome), n in self.events.items():
+            metrics.count_event(pipeline, op, outcome, n)
+        for pipeline, failure, route in self.failures:
             (metrics.DEAD_LETTERS if route.dead_letter else metrics.RETRIES).labels(
-                error_class=failure.error_class.value
+                pipeline=pipeline, error_class=failure.error_class.value
             ).inc()
-        for end_to_end, capture in self.freshness:
-            metrics.END_TO_END_SECONDS.observe(end_to_end)
+        for pipeline, end_to_end, capture in self.freshness:
+            metrics.END_TO_END_SECONDS.labels(pipeline=pipeline).observe(end_to_end)
             if capture is not None:
-                metrics.CAPTURE_SECONDS.observe(capture)
+                metrics.CAPTURE_SECONDS.labels(pipeline=pipeline).observe(capture)
 
 
 # outcomes whose write is a freshness sample
@@ -130,6 +132,7 @@ class BatchProcessor:
         on_model_stall: Callable[[], None] = lambda: None,
     ) -> None:
         self._settings = settings
+        self.name = settings.pipeline
         self._embedder = embedder
         self._sink = sink
         self._publisher = publisher
@@ -140,7 +143,7 @@ class BatchProcessor:
 
     async def process(self, records: Sequence[Record]) -> BatchReport:
         """Apply the batch. Raises only when the database or broker is unreachable (nothing committed)."""
-        report = BatchReport()
+        report = BatchReport(self.name)
         failures: list[Failure] = []
         decoded = self._decode(records, failures)
         truncates = [d for d in decoded if d.change.op is Op.TRUNCATE]
@@ -178,7 +181,7 @@ class BatchProcessor:
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:
         """Route one record straight to its next topic (the dead-letter topic for permanent errors)."""
-        report = BatchReport()
+        report = BatchReport(self.name)
         state = RetryState.from_headers(
             record.headers or (), Origin(record.topic, record.partition, record.offset)
         )
@@ -186,14 +189,16 @@ class BatchProcessor:
         return report
 
     def _decode(self, records: Sequence[Record], failures: list[Failure]) -> list[_Decoded]:
-        text_columns = self._settings.text_column_list
+        text_columns, template = self._settings.text_column_list, self._settings.text_template
         decoded = []
         for record in records:
             state = RetryState.from_headers(
                 record.headers or (), Origin(record.topic, record.partition, record.offset)
             )
             try:
-                change = decode(record.key, record.value, state.origin, self._key_columns, text_columns)
+                change = decode(
+                    record.key, record.value, state.origin, self._key_columns, text_columns, template
+                )
             except EventError as exc:
                 failures.append(self._failure(record, state, exc.error_class, str(exc)))
                 continue
@@ -353,14 +358,14 @@ class BatchProcessor:
             if item.record.topic == self._settings.source_topic
             else None
         )
-        report.freshness.append((max(committed_at - source_at, 0.0), capture))
+        report.freshness.append((report.pipeline, max(committed_at - source_at, 0.0), capture))
 
     @staticmethod
     def _account(embedding: Embedding, report: BatchReport) -> None:
         report.embedded_texts += len(embedding.vectors)
-        metrics.TEXTS_EMBEDDED.inc(len(embedding.vectors))
-        metrics.TOKENS_EMBEDDED.inc(embedding.tokens)
-        metrics.TEXTS_TRUNCATED.inc(embedding.truncated)
+        metrics.TEXTS_EMBEDDED.labels(pipeline=report.pipeline).inc(len(embedding.vectors))
+        metrics.TOKENS_EMBEDDED.labels(pipeline=report.pipeline).inc(embedding.tokens)
+        metrics.TEXTS_TRUNCATED.labels(pipeline=report.pipeline).inc(embedding.truncated)
 
     def _failure(self, record: Record, state: RetryState, error_class: ErrorClass, message: str) -> Failure:
         return Failure(record, state, op_label(record.value), error_class, message)
@@ -372,7 +377,8 @@ class BatchProcessor:
         )
         for failure, route in routes:
             report.add(failure.op, "dead_lettered" if route.dead_letter else "retried")
-        report.failures += routes  # logged by the consumer once its transaction published them
+        # logged by the consumer once its transaction published them
+        report.failures += [(report.pipeline, f, r) for f, r in routes]
 
 
 def _write(change: Change, kind: Kind, digest: bytes | None = None, vector: Vector | None = None) -> Write:

@@ -14,6 +14,7 @@ import asyncio
 import signal
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from aiokafka.errors import KafkaError
 
@@ -32,9 +33,11 @@ from consumer.kafka import (
 from consumer.logs import get_logger
 from consumer.pipeline import BatchProcessor
 from consumer.producer import TransactionalProducer
+from consumer.router import Processor, Router
 from consumer.schema import ensure_vector_table
 from consumer.settings import Settings
 from consumer.sink import PgVectorSink, open_pool
+from consumer.spec import load_pipelines
 from consumer.targets import ensure_target_state
 
 log = get_logger("cdc_embedder.service")
@@ -44,6 +47,7 @@ async def run_service(
     settings: Settings, embedder_factory: Callable[[Settings], Embedder] = SentenceTransformerEmbedder
 ) -> int:
     """Run until SIGTERM; `embedder_factory` is the seam fault-injection tests wrap."""
+    specs = load_pipelines(settings)
     health = HealthState(stall_after_s=settings.liveness_stall_s)
     server = serve(health, settings.http_host, settings.http_port)
     beat = asyncio.create_task(heartbeat(health), name="heartbeat")
@@ -54,28 +58,30 @@ async def run_service(
         loop.add_signal_handler(sig, stop.set)
     log.info(
         "starting",
-        model=settings.model,
+        pipelines=[spec.name for spec in specs],
         database=settings.redacted_dsn(),
         kafka=settings.bootstrap_servers,
-        topic=settings.source_topic,
         group=settings.consumer_group,
         http_port=server.server_address[1],
     )
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
     try:
-        embedder = await loop.run_in_executor(executor, embedder_factory, settings)
-        metrics.record_model_info(embedder.name, embedder.dimension, embedder.dtype)
+        views = [spec.settings(settings) for spec in specs]
+        embedders = await _load_embedders(views, embedder_factory, executor)
         pool = open_pool(settings)
         await pool.open(wait=True, timeout=30)
         try:
-            async with pool.connection() as conn:
-                info = await ensure_vector_table(conn, settings, embedder.dimension)
-                await ensure_target_state(conn, settings, embedder.name, embedder.dimension)
+            pipelines = []
+            for view in views:
+                embedder = embedders[view.pipeline]
+                async with pool.connection() as conn:
+                    info = await ensure_vector_table(conn, view, embedder.dimension)
+                    await ensure_target_state(conn, view, embedder.name, embedder.dimension)
+                pipelines.append(_Pipeline(view, embedder, PgVectorSink(pool, view, info), info.key_columns))
             # Started: the startup probe must not restart a pod that waits for Debezium's topic.
             health.started = health.database_ok = True
-            if await _prepare_topics(settings, stop):
-                sink = PgVectorSink(pool, settings, info)
-                await _consume(settings, embedder, sink, health, executor, stop, info.key_columns)
+            if await _prepare_topics(settings, [p.settings.source_topic for p in pipelines], stop):
+                await _consume(settings, pipelines, health, executor, stop)
         finally:
             await pool.close()
     finally:
@@ -86,27 +92,50 @@ async def run_service(
     return 0
 
 
-async def _prepare_topics(settings: Settings, stop: asyncio.Event) -> bool:
-    """Wait for the source topic, then create the retry and dead-letter topics like it; False: stopped.
+@dataclass(frozen=True, slots=True)
+class _Pipeline:
+    settings: Settings  # the process settings with this pipeline's fields
+    embedder: Embedder
+    sink: PgVectorSink
+    key_columns: tuple[str, ...]
 
-    Subscribing first could create the source topic with the broker's defaults (see wait_for_topic), and
-    the retry and dead-letter topics copy its partition count and record size.
+
+async def _load_embedders(
+    views: list[Settings], factory: Callable[[Settings], Embedder], executor: ThreadPoolExecutor
+) -> dict[str, Embedder]:
+    """Each pipeline's embedder, by pipeline name; pipelines of one model share it (one copy in memory)."""
+    loop = asyncio.get_running_loop()
+    embedders: dict[str, Embedder] = {}
+    loaded: dict[tuple[object, ...], Embedder] = {}
+    for view in views:
+        how = (view.model, view.max_seq_length, view.embed_dtype, view.embed_token_budget)
+        if how not in loaded:
+            loaded[how] = await loop.run_in_executor(executor, factory, view)
+        embedder = embedders[view.pipeline] = loaded[how]
+        metrics.record_model_info(view.pipeline, embedder.name, embedder.dimension, embedder.dtype)
+    return embedders
+
+
+async def _prepare_topics(settings: Settings, sources: list[str], stop: asyncio.Event) -> bool:
+    """Wait for the source topics, then create the retry and dead-letter topics like them; False: stopped.
+
+    Subscribing first could create a source topic with the broker's defaults (see wait_for_topic), and
+    the retry and dead-letter topics copy the source topics' partition count and record size.
     """
     async with admin_client(settings) as admin:
-        if not await wait_for_topic(admin, settings.source_topic, stop):
-            return False
-        await ensure_topics(admin, settings)
+        for topic in sources:
+            if not await wait_for_topic(admin, topic, stop):
+                return False
+        await ensure_topics(admin, settings, sources)
     return True
 
 
 async def _consume(
     settings: Settings,
-    embedder: Embedder,
-    sink: PgVectorSink,
+    pipelines: list[_Pipeline],
     health: HealthState,
     executor: ThreadPoolExecutor,
     stop: asyncio.Event,
-    key_columns: tuple[str, ...],
 ) -> None:
     producer = TransactionalProducer(settings)
     kafka = make_consumer(settings)
@@ -116,11 +145,29 @@ async def _consume(
     except (KafkaError, OSError) as exc:
         raise unreachable(settings, exc) from exc
     try:
-        processor = BatchProcessor(
-            settings, embedder, sink, KafkaPublisher(producer), executor, key_columns, health.model_stall
+        publisher = KafkaPublisher(producer)
+        processors: dict[str, Processor] = {}
+        names = {}
+        for p in pipelines:
+            topic = p.settings.source_topic
+            processors[topic] = BatchProcessor(
+                p.settings, p.embedder, p.sink, publisher, executor, p.key_columns, health.model_stall
+            )
+            names[topic] = p.settings.pipeline
+        router = Router(processors, names)
+        # the sink serves the loop's database health check: all pipelines share its pool
+        consumer = EmbeddingConsumer(
+            settings, kafka, producer, router, pipelines[0].sink, health, router.source_topics
         )
-        consumer = EmbeddingConsumer(settings, kafka, producer, processor, sink, health)
-        log.info("started", dimension=embedder.dimension, vector_table=settings.vector_table)
+        for p in pipelines:
+            log.info(
+                "started",
+                pipeline=p.settings.pipeline,
+                topic=p.settings.source_topic,
+                model=p.embedder.name,
+                dimension=p.embedder.dimension,
+                vector_table=p.settings.vector_table,
+            )
         await _run_until_stopped(consumer, stop, settings.shutdown_grace_s)
     finally:
         await kafka.stop()  # leaves the group, so partitions move at once

@@ -56,13 +56,26 @@ class Settings(BaseSettings):
         default=30_000, ge=0, description="statement_timeout of the consumer's sessions; 0: the server's."
     )
 
-    # --- Source and target tables ---------------------------------------------------------------
+    # --- Pipelines -------------------------------------------------------------------------------
+    pipelines_file: Path | None = Field(
+        default=None, description="YAML file declaring the pipelines. Unset: one, from the variables below."
+    )
+    pipeline_name: str | None = Field(
+        default=None,
+        pattern=r"^[a-z][a-z0-9_-]{0,62}$",
+        description="Name of the default pipeline (metric label). Unset: the source table's.",
+    )
+
+    # --- Source and target tables (the default pipeline) ----------------------------------------
     source_table: str = "public.documents"
     key_columns: str | None = Field(
         default=None, description="Comma-separated primary key columns. Unset: the source's primary key."
     )
     key_column: str | None = Field(default=None, description="One key column (older name of key_columns).")
     text_columns: str = Field(default="title,body", description="Comma-separated columns joined to the text.")
+    text_template: str | None = Field(
+        default=None, description='Text made by a template instead, e.g. "{title}\\n\\n{body}".'
+    )
     vector_table: str = "public.document_embeddings"
     # pgvector's defaults. Each new row costs the database an HNSW insert, so lower values write faster
     # and recall less (README: measured on the corpus); they apply when the vector table is created.
@@ -252,6 +265,14 @@ class Settings(BaseSettings):
         return _split_qualified(self.vector_table)
 
     @cached_property
+    def pipeline(self) -> str:
+        """This pipeline's name: the metric label and log field of what it does."""
+        if self.pipeline_name:
+            return self.pipeline_name
+        name = re.sub(r"[^a-z0-9_-]", "_", self.source[1].lower())
+        return name if name[:1].isalpha() else f"p_{name}"[:63]
+
+    @cached_property
     def text_column_list(self) -> tuple[str, ...]:
         return tuple(self.text_columns.split(","))
 
@@ -266,13 +287,15 @@ class Settings(BaseSettings):
         schema, table = self.source
         return f"{self.topic_prefix}.{schema}.{table}"
 
+    # One retry and one dead-letter topic per consumer group, for all its pipelines: records find their
+    # pipeline again by their origin header, and two groups never consume each other's retries.
     @cached_property
     def retry_topic(self) -> str:
-        return f"{self.source_topic}.retry"
+        return f"{self.consumer_group}.retry"
 
     @cached_property
     def dlq_topic(self) -> str:
-        return f"{self.source_topic}.dlq"
+        return f"{self.consumer_group}.dlq"
 
     def database_parts(self) -> dict[str, str]:
         """Host, port, user, password and database name, as Debezium's connector config wants them."""

@@ -138,6 +138,7 @@ class PgVectorSink:
         self._pool = pool
         self._model = settings.model
         self._text_columns = settings.text_column_list
+        self._template = settings.text_template
         self._target = target_name(settings)
         self._arity = len(info.key_columns)
         self._sql = _Statements(settings, info)
@@ -174,7 +175,9 @@ class PgVectorSink:
             for row in await cur.fetchall():
                 key, values = tuple(row[: self._arity]), row[self._arity :]
                 try:
-                    found[key] = join_text(dict(zip(columns, values, strict=True)), columns) or ""
+                    found[key] = (
+                        join_text(dict(zip(columns, values, strict=True)), columns, self._template) or ""
+                    )
                 except EventError as exc:
                     found[key] = exc
             return found

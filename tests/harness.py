@@ -147,7 +147,11 @@ def check_consistency(
     }
     missing, stale, live = [], [], 0
     for key, values in source.items():
-        text = join_text(dict(zip(settings.text_column_list, values, strict=True)), settings.text_column_list)
+        text = join_text(
+            dict(zip(settings.text_column_list, values, strict=True)),
+            settings.text_column_list,
+            settings.text_template,
+        )
         stored = vectors.get(key)
         if not text or len(text) > settings.max_text_chars:
             if stored is not None:

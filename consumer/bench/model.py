@@ -31,7 +31,7 @@ def corpus_rows(path: Path, n: int, skip: int = 0, id_base: int = 0) -> list[dic
 
 def texts_of(rows: Sequence[dict[str, Any]], settings: Settings) -> list[str]:
     """The texts the pipeline embeds for these rows (same join as the consumer)."""
-    return [join_text(r, settings.text_column_list) or "" for r in rows]
+    return [join_text(r, settings.text_column_list, settings.text_template) or "" for r in rows]
 
 
 def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0) -> Path:

@@ -18,8 +18,8 @@ from consumer.sink import Kind, State, Stored, Write, WriteBatch, WriteResult, a
 from tests.unit.debezium_events import source_block
 
 SOURCE_TOPIC = "cdc.public.documents"
-RETRY_TOPIC = f"{SOURCE_TOPIC}.retry"
-DLQ_TOPIC = f"{SOURCE_TOPIC}.dlq"
+RETRY_TOPIC = "cdc-embedder.retry"  # the default consumer group's
+DLQ_TOPIC = "cdc-embedder.dlq"
 MODEL = "fake-model"
 MAX_ATTEMPTS = 3
 TEXT_COLUMNS = ("title", "body")

@@ -80,8 +80,8 @@ def test_transient_kafka_errors_are_outages(exc: kafka.KafkaError) -> None:
     [
         (
             kafka.TopicAuthorizationFailedError(),
-            "Read on cdc.public.documents and cdc.public.documents.retry and Write on "
-            "cdc.public.documents.retry and cdc.public.documents.dlq",
+            "Read on cdc.public.documents and cdc-embedder.retry and Write on "
+            "cdc-embedder.retry and cdc-embedder.dlq",
         ),
         (
             kafka.GroupAuthorizationFailedError(),

@@ -104,7 +104,7 @@ async def test_creates_retry_and_dead_letter_topics_like_the_source() -> None:
 
 
 async def test_existing_finite_dead_letter_topic_gets_a_warning_naming_the_fix() -> None:
-    dlq = f"{SOURCE}.dlq"
+    dlq = "cdc-embedder.dlq"
     fake = FakeAdmin(
         {SOURCE: 3, dlq: 3},
         {
@@ -114,7 +114,7 @@ async def test_existing_finite_dead_letter_topic_gets_a_warning_naming_the_fix()
     )
     with capture_logs() as logs:
         await ensure_topics(_admin(fake), Settings())
-    assert [t.name for t in fake.created] == [f"{SOURCE}.retry"]
+    assert [t.name for t in fake.created] == ["cdc-embedder.retry"]
     (warning,) = [e for e in logs if e["log_level"] == "warning"]
     assert warning["topic"] == dlq
     assert warning["have"] == {"retention.ms": "604800000"}
@@ -183,12 +183,12 @@ def service_admin(monkeypatch: pytest.MonkeyPatch) -> FakeAdmin:
 
 async def test_start_up_creates_the_topics_once_the_source_exists(service_admin: FakeAdmin) -> None:
     service_admin.topics[SOURCE] = 3
-    assert await service._prepare_topics(Settings(), asyncio.Event()) is True
-    assert [t.name for t in service_admin.created] == [f"{SOURCE}.retry", f"{SOURCE}.dlq"]
+    assert await service._prepare_topics(Settings(), [SOURCE], asyncio.Event()) is True
+    assert [t.name for t in service_admin.created] == ["cdc-embedder.retry", "cdc-embedder.dlq"]
 
 
 async def test_shutdown_during_the_wait_creates_nothing(service_admin: FakeAdmin) -> None:
     stop = asyncio.Event()
     stop.set()
-    assert await service._prepare_topics(Settings(), stop) is False
+    assert await service._prepare_topics(Settings(), [SOURCE], stop) is False
     assert service_admin.created == [] and service_admin.described == []

@@ -217,10 +217,10 @@ def test_unknown_path_is_404(base_url: str) -> None:
 
 
 def test_metrics_endpoint_serves_the_cdc_embedder_series(base_url: str) -> None:
-    metrics.count_event("create", "embedded")
+    metrics.count_event("documents", "create", "embedded")
     metrics.BATCHES.inc()
     metrics.record_build_info()
-    metrics.record_model_info("fake-model", 4, "float32")  # an Info is exported once it is set
+    metrics.record_model_info("documents", "fake-model", 4, "float32")  # an Info is exported once it is set
     status, content_type, body = get(f"{base_url}/metrics")
     assert status == 200
     assert content_type.startswith("text/plain; version=")
@@ -245,6 +245,12 @@ def test_metrics_endpoint_serves_the_cdc_embedder_series(base_url: str) -> None:
         assert expected in families
     assert "cdc_embedder_events_total{" in body
     events = [s for s in families["cdc_embedder_events"].samples if s.name == "cdc_embedder_events_total"]
-    assert any(s.labels == {"op": "create", "outcome": "embedded"} and s.value >= 1 for s in events)
+    embedded = {"pipeline": "documents", "op": "create", "outcome": "embedded"}
+    assert any(s.labels == embedded and s.value >= 1 for s in events)
     [model] = families["cdc_embedder_model_info"].samples
-    assert model.labels == {"name": "fake-model", "dimension": "4", "dtype": "float32"}
+    assert model.labels == {
+        "pipeline": "documents",
+        "name": "fake-model",
+        "dimension": "4",
+        "dtype": "float32",
+    }

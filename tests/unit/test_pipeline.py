@@ -106,7 +106,12 @@ def assert_embedded(sink: FakeSink, key: int | str, text: str, position: int) ->
 
 
 def events_total(op: str, outcome: str) -> float:
-    return REGISTRY.get_sample_value("cdc_embedder_events_total", {"op": op, "outcome": outcome}) or 0.0
+    return (
+        REGISTRY.get_sample_value(
+            "cdc_embedder_events_total", {"pipeline": "documents", "op": op, "outcome": outcome}
+        )
+        or 0.0
+    )
 
 
 # --- the cases ------------------------------------------------------------------------------------
@@ -326,7 +331,8 @@ async def test_bad_records_are_dead_lettered_and_the_rest_embedded(
     assert sent.header[H_ORIGINAL_TOPIC] == SOURCE_TOPIC.encode()
     assert sent.header[H_ORIGINAL_PARTITION] == b"0"
     assert sent.header[H_ORIGINAL_OFFSET] == str(bad.offset).encode()
-    [(failure, route)] = report.failures
+    [(pipeline, failure, route)] = report.failures
+    assert pipeline == "documents"
     assert failure.error_class is error_class
     assert route.dead_letter is True
     assert events_total(op, "dead_lettered") - before == 1
@@ -602,8 +608,8 @@ async def test_database_outage_propagates_without_publishing(
 def histogram(name: str) -> tuple[float, float]:
     """(count, sum) of a histogram so far."""
     return (
-        REGISTRY.get_sample_value(f"{name}_count") or 0.0,
-        REGISTRY.get_sample_value(f"{name}_sum") or 0.0,
+        REGISTRY.get_sample_value(f"{name}_count", {"pipeline": "documents"}) or 0.0,
+        REGISTRY.get_sample_value(f"{name}_sum", {"pipeline": "documents"}) or 0.0,
     )
 
 

@@ -22,8 +22,8 @@ from consumer.retry import (
 from consumer.settings import Settings
 
 SOURCE = Origin("cdc.public.documents", 1, 4242)
-RETRY_TOPIC = "cdc.public.documents.retry"
-DLQ_TOPIC = "cdc.public.documents.dlq"
+RETRY_TOPIC = "cdc-embedder.retry"
+DLQ_TOPIC = "cdc-embedder.dlq"
 T0 = 1_718_000_000_000
 
 PERMANENT = [c for c in ErrorClass if c.permanent]
@@ -55,6 +55,7 @@ def test_error_classes_split() -> None:
         ErrorClass.UNKNOWN_OPERATION,
         ErrorClass.MISSING_TEXT,
         ErrorClass.DATABASE_REJECTED,
+        ErrorClass.NO_PIPELINE,
     }
     assert set(TRANSIENT) == {
         ErrorClass.MODEL_ERROR,

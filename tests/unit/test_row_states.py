@@ -199,7 +199,12 @@ async def test_a_touch_that_loses_the_race_re_embeds_instead(settings: Settings,
 
 
 def events_total(outcome: str) -> float:
-    return REGISTRY.get_sample_value("cdc_embedder_events_total", {"op": "create", "outcome": outcome}) or 0
+    return (
+        REGISTRY.get_sample_value(
+            "cdc_embedder_events_total", {"pipeline": "documents", "op": "create", "outcome": outcome}
+        )
+        or 0
+    )
 
 
 async def test_outcomes_are_counted_only_once_the_batch_is_committed(

@@ -227,8 +227,9 @@ def test_derived_topics(
     assert s.source == source
     assert s.target == target
     assert s.source_topic == topic
-    assert s.retry_topic == f"{topic}.retry"
-    assert s.dlq_topic == f"{topic}.dlq"
+    # named by the consumer group, shared by its pipelines
+    group = env.get("CDC_CONSUMER_GROUP", "cdc-embedder")
+    assert (s.retry_topic, s.dlq_topic) == (f"{group}.retry", f"{group}.dlq")
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from consumer.topics import (
 
 def test_default_plan_on_three_brokers() -> None:
     retry, dlq = plan_topics(Settings(), source_partitions=6, source_max_message_bytes=2_000_000, brokers=3)
-    assert (retry.name, dlq.name) == ("cdc.public.documents.retry", "cdc.public.documents.dlq")
+    assert (retry.name, dlq.name) == ("cdc-embedder.retry", "cdc-embedder.dlq")
     for plan in (retry, dlq):
         assert (plan.partitions, plan.replication_factor) == (6, 3)
         assert plan.configs["cleanup.policy"] == "delete"

@@ -1,0 +1,217 @@
+"""What a pipeline is: a source table, its key, how its text is made, and its target (table + embedder).
+
+One deployment runs one or more pipelines. They are declared in a YAML file (`CDC_PIPELINES_FILE`), or,
+by default, one pipeline is made from today's `CDC_*` variables, so a deployment that never heard of
+pipelines keeps working unchanged.
+
+Each pipeline's modules still take a `Settings`: `PipelineSpec.settings` returns the process settings
+with this pipeline's fields in place, so routing, the batch logic and the sink need no second path.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from string import Formatter
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from consumer.settings import DEFAULT_MODEL, Settings, SettingsError, env_name
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
+_TABLE = re.compile(r"^([A-Za-z_][A-Za-z0-9_$]*\.)?[A-Za-z_][A-Za-z0-9_$]*$")
+# A pipeline's name is a metric label value and part of log lines: short, and nothing to escape.
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,62}$")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class LocalEmbedderSpec(_Spec):
+    """sentence-transformers in this process (the default: gte-small)."""
+
+    kind: Literal["local"] = "local"
+    model: str = DEFAULT_MODEL
+    max_seq_length: int = Field(default=512, ge=8)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    token_budget: int = Field(default=1024, ge=0)
+
+    @property
+    def identity(self) -> str:
+        """What the text hash and the stored `model` column say: the same model embeds the same way."""
+        return self.model
+
+
+EmbedderSpec = Annotated[LocalEmbedderSpec, Field(discriminator="kind")]
+
+
+def template_columns(template: str) -> tuple[str, ...]:
+    """The columns a text template such as "{title}\\n\\n{body}" names, in order, each once."""
+    try:
+        fields = [name for _, name, _, _ in Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise ValueError(f"is not a text template like '{{title}}\\n\\n{{body}}': {exc}") from None
+    if not fields:
+        raise ValueError("names no column: write columns in braces, like '{title}\\n\\n{body}'")
+    bad = [f for f in fields if not _IDENTIFIER.match(f)]
+    if bad:
+        raise ValueError(f"names {bad[0]!r}, which is not a column name (no formats or indexing)")
+    return tuple(dict.fromkeys(fields))
+
+
+class PipelineSpec(_Spec):
+    name: str
+    source_table: str
+    key_columns: tuple[str, ...] | None = Field(
+        default=None, description="The source's primary key when unset."
+    )
+    text_columns: tuple[str, ...] | None = Field(
+        default=None, description="Columns joined with a blank line; or give text_template."
+    )
+    text_template: str | None = Field(default=None, description='e.g. "{title}\\n\\n{body}"')
+    vector_table: str
+    embedder: EmbedderSpec = LocalEmbedderSpec()
+    max_text_chars: int = Field(default=200_000, ge=1)
+    on_model_change: Literal["refuse", "reembed"] = "refuse"
+    hnsw_m: int = Field(default=16, ge=2, le=100)
+    hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"{value!r} must be lower case letters, digits, - or _, starting with a letter")
+        return value
+
+    @field_validator("source_table", "vector_table")
+    @classmethod
+    def _table(cls, value: str) -> str:
+        if not _TABLE.match(value):
+            raise ValueError(f"{value!r} is not a table name like schema.table")
+        return value if "." in value else f"public.{value}"
+
+    @field_validator("key_columns", "text_columns")
+    @classmethod
+    def _columns(cls, value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if value is not None and (not value or not all(_IDENTIFIER.match(c) for c in value)):
+            raise ValueError(f"{list(value)!r} is not a list of column names")
+        return value
+
+    @field_validator("text_template")
+    @classmethod
+    def _template(cls, value: str | None) -> str | None:
+        if value is not None:
+            template_columns(value)
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineSpec:
+        if self.text_columns is not None and self.text_template is not None:
+            raise ValueError("give text_columns or text_template, not both")
+        if self.source_table == self.vector_table:
+            raise ValueError("vector_table must not be the source table")
+        if self.hnsw_ef_construction < 2 * self.hnsw_m:
+            raise ValueError("hnsw_ef_construction must be at least twice hnsw_m")
+        return self
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PipelineSpec:
+        """The default pipeline, from today's CDC_* variables."""
+        return cls(
+            name=settings.pipeline,
+            source_table=settings.source_table,
+            key_columns=settings.key_column_list,
+            text_columns=None if settings.text_template else settings.text_column_list,
+            text_template=settings.text_template,
+            vector_table=settings.vector_table,
+            embedder=LocalEmbedderSpec(
+                model=settings.model,
+                max_seq_length=settings.max_seq_length,
+                dtype=settings.embed_dtype,
+                token_budget=settings.embed_token_budget,
+            ),
+            max_text_chars=settings.max_text_chars,
+            on_model_change=settings.on_model_change,
+            hnsw_m=settings.hnsw_m,
+            hnsw_ef_construction=settings.hnsw_ef_construction,
+        )
+
+    def settings(self, process: Settings) -> Settings:
+        """The process settings with this pipeline's fields in place.
+
+        Validated anew rather than `model_copy`: a copy would keep the cached derived values (topics,
+        table parts) of the process settings.
+        """
+        fields: dict[str, Any] = process.model_dump()
+        fields.update(
+            pipeline_name=self.name,
+            source_table=self.source_table,
+            key_columns=",".join(self.key_columns) if self.key_columns else None,
+            key_column=None,
+            text_columns=",".join(self.text_columns or template_columns(self.text_template or "")),
+            text_template=self.text_template,
+            vector_table=self.vector_table,
+            model=self.embedder.identity,
+            max_seq_length=self.embedder.max_seq_length,
+            embed_dtype=self.embedder.dtype,
+            embed_token_budget=self.embedder.token_budget,
+            max_text_chars=self.max_text_chars,
+            on_model_change=self.on_model_change,
+            hnsw_m=self.hnsw_m,
+            hnsw_ef_construction=self.hnsw_ef_construction,
+        )
+        return Settings.model_validate(fields)
+
+
+class PipelinesFileError(SettingsError):
+    """The pipelines file is unreadable or invalid; the message names the file, pipeline and field."""
+
+
+def load_pipelines(settings: Settings) -> tuple[PipelineSpec, ...]:
+    """The declared pipelines (CDC_PIPELINES_FILE), or the default one from the CDC_* variables."""
+    if settings.pipelines_file is None:
+        return (PipelineSpec.from_settings(settings),)
+    return parse_pipelines(settings.pipelines_file)
+
+
+def parse_pipelines(path: Path) -> tuple[PipelineSpec, ...]:
+    where = f"{path} ({env_name('pipelines_file')})"
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise PipelinesFileError(f"cannot read {where}: {exc}") from None
+    entries = raw.get("pipelines") if isinstance(raw, dict) else None
+    if not isinstance(entries, Mapping) or not entries:
+        raise PipelinesFileError(
+            f"{where} must hold a mapping 'pipelines:' of pipeline names to their settings"
+        )
+    specs = []
+    for name, body in entries.items():
+        if not isinstance(body, Mapping):
+            raise PipelinesFileError(f"{where}: pipeline {name!r}: must be a mapping of settings")
+        try:
+            specs.append(PipelineSpec.model_validate({"name": name, **body}))
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'pipeline'}: {e['msg']}" for e in exc.errors()
+            )
+            raise PipelinesFileError(f"{where}: pipeline {name!r}: {problems}") from None
+    _check_apart(specs, where)
+    return tuple(specs)
+
+
+def _check_apart(specs: list[PipelineSpec], where: str) -> None:
+    """Records are routed by their source topic and vectors kept per table: neither may be shared."""
+    for field in ("source_table", "vector_table"):
+        seen: dict[str, str] = {}
+        for spec in specs:
+            table = getattr(spec, field)
+            if table in seen:
+                raise PipelinesFileError(
+                    f"{where}: pipelines {seen[table]!r} and {spec.name!r} have the same {field} {table}"
+                )
+            seen[table] = spec.name
