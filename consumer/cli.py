@@ -46,6 +46,7 @@ def _cmd_connector(settings: Settings, args: argparse.Namespace) -> int:
     from consumer import connectors
 
     if args.action == "register":
+        asyncio.run(_cover_tables(settings, args.file))
         name = connectors.register_connector(settings, args.file, progress=say)
         say(f"connector {name} is RUNNING on {settings.connect_rest_url}")
     elif args.action == "delete":
@@ -56,10 +57,27 @@ def _cmd_connector(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+async def _cover_tables(settings: Settings, path: Path | None) -> None:
+    """The publication must hold every table the connector captures, or it captures nothing of it."""
+    from consumer import connectors
+    from consumer.schema import ensure_publication
+
+    config = connectors.connector_config(settings, path)["config"]
+    tables = config["table.include.list"].split(",")
+    if signal := config.get("signal.data.collection"):
+        tables.append(signal)
+    async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
+        added = await ensure_publication(conn, config["publication.name"], tables)
+    for table in added:
+        say(f"publication {config['publication.name']}: added {table}")
+
+
 def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.demo import print_search
     from consumer.embedder import SentenceTransformerEmbedder
+    from consumer.spec import pipeline_settings
 
+    settings = pipeline_settings(settings, args.pipeline)
     asyncio.run(print_search(settings, SentenceTransformerEmbedder(settings), args.query, args.k, say))
     return 0
 
@@ -71,13 +89,16 @@ def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     result = asyncio.run(replay_dead_letters(settings, keep, say))
     say(
         f"replayed {result.replayed} of {result.scanned} dead letters from {settings.dlq_topic} "
-        f"to {settings.source_topic}"
+        "to the topics they came from"
     )
     return 0
 
 
 def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.ops.backfill import follow_backfill, plan_backfill, request_backfill, source_end_offsets
+    from consumer.spec import pipeline_settings
+
+    settings = pipeline_settings(settings, args.pipeline)
 
     async def backfill() -> int:
         async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
@@ -130,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     search = commands.add_parser("search", help="embed a query and print the nearest rows")
     search.add_argument("query")
     search.add_argument("-k", type=int, default=5)
+    search.add_argument("--pipeline", default=None, help="whose vectors (needed when there are several)")
     replay = commands.add_parser("replay-dlq", help="re-publish dead-lettered records to the source topic")
     replay.add_argument("--error-class", default=None, help="only records of this class (e.g. model_error)")
     replay.add_argument("--since", default=None, help="first failed at or after (ISO 8601)")
@@ -137,6 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     backfill = commands.add_parser(
         "backfill", help="snapshot rows through Debezium (incremental) so that they get vectors"
     )
+    backfill.add_argument("pipeline", nargs="?", default=None, help="which (needed when there are several)")
     backfill.add_argument("--where", default=None, help="SQL condition on the source table (default: all)")
     backfill.add_argument("--dry-run", action="store_true", help="say how many rows and tokens; do nothing")
     backfill.add_argument("--no-follow", action="store_true", help="ask for the snapshot and return")

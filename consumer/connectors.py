@@ -17,6 +17,7 @@ import httpx
 
 from consumer.errors import OperatorError
 from consumer.settings import Settings, env_name
+from consumer.spec import load_pipelines
 
 CONNECTOR_FILE = Path("connectors") / "documents.json"
 
@@ -67,11 +68,13 @@ def connector_config(
 ) -> ConnectorSpec:
     """The connector as it is sent: the file, with the tables, topic prefix and partitions from settings.
 
-    `tables` are captured besides the source table (each must be in the publication).
+    It captures the source table of every pipeline (CDC_PIPELINES_FILE, or the one of the CDC_*
+    variables) and `tables` besides; each must be in the publication.
     """
     spec = load_connector_file(path)
     config = dict(spec["config"])
-    config["table.include.list"] = ",".join(dict.fromkeys((settings.source_table, *tables)))
+    sources = [p.source_table for p in load_pipelines(settings)]
+    config["table.include.list"] = ",".join(dict.fromkeys((*sources, *tables)))
     config["topic.prefix"] = settings.topic_prefix
     config["topic.creation.default.partitions"] = str(settings.stack_topic_partitions)
     return ConnectorSpec(name=spec["name"], config=config)

@@ -276,8 +276,9 @@ async def create_demo_source_table(
 
 async def add_to_publication(
     conn: psycopg.AsyncConnection, publication: str, tables: list[sql.Identifier]
-) -> None:
-    """Add the tables the publication lacks (as the tables' owner)."""
+) -> list[sql.Identifier]:
+    """Add the tables the publication lacks (as the tables' owner); return those added."""
+    added = []
     for table in tables:
         cur = await conn.execute(
             "SELECT 1 FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid "
@@ -288,3 +289,32 @@ async def add_to_publication(
             await conn.execute(
                 sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(sql.Identifier(publication), table)
             )
+            added.append(table)
+    return added
+
+
+async def ensure_publication(conn: psycopg.AsyncConnection, publication: str, tables: list[str]) -> list[str]:
+    """Add the declared tables the publication lacks; return those added.
+
+    Adding needs ownership of the table, which the consumer's role often lacks: then the error names the
+    statement for the owner to run, instead of a connector that silently captures nothing of a table.
+    """
+    cur = await conn.execute("SELECT 1 FROM pg_publication WHERE pubname = %s", (publication,))
+    idents = [_ident(*table.split(".", 1)) for table in tables]
+    listed = sql.SQL(", ").join(idents).as_string(conn)
+    if await cur.fetchone() is None:
+        raise SchemaError(
+            f"no publication {publication} (publication.name of the connector file): as the tables' owner, "
+            f"run CREATE PUBLICATION {publication} FOR TABLE {listed}"
+        )
+    try:
+        added = await add_to_publication(conn, publication, idents)
+        await conn.commit()
+    except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedTable) as exc:
+        await conn.rollback()
+        raise SchemaError(
+            f"publication {publication} lacks some of {listed} and this role cannot add them "
+            f"({exc.sqlstate}: {str(exc).strip()}): create the tables, or as their owner run "
+            f"ALTER PUBLICATION {publication} ADD TABLE <each one missing>"
+        ) from None
+    return [table.as_string(conn) for table in added]

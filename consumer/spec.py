@@ -110,8 +110,8 @@ class PipelineSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineSpec:
-        if self.text_columns is not None and self.text_template is not None:
-            raise ValueError("give text_columns or text_template, not both")
+        if (self.text_columns is None) == (self.text_template is None):
+            raise ValueError("give text_columns or text_template (one of them, not both)")
         if self.source_table == self.vector_table:
             raise ValueError("vector_table must not be the source table")
         if self.hnsw_ef_construction < 2 * self.hnsw_m:
@@ -215,3 +215,16 @@ def _check_apart(specs: list[PipelineSpec], where: str) -> None:
                     f"{where}: pipelines {seen[table]!r} and {spec.name!r} have the same {field} {table}"
                 )
             seen[table] = spec.name
+
+
+def pipeline_settings(settings: Settings, name: str | None) -> Settings:
+    """The settings of the pipeline a command names; with no name, of the only one there is."""
+    specs = {spec.name: spec for spec in load_pipelines(settings)}
+    if name is None and len(specs) == 1:
+        (spec,) = specs.values()
+    elif name in specs:
+        spec = specs[name]
+    else:
+        asked = "name one" if name is None else f"there is no pipeline {name!r}"
+        raise PipelinesFileError(f"{asked}: the pipelines are {', '.join(specs)}")
+    return spec.settings(settings)

@@ -1,0 +1,93 @@
+"""consumer.router: records reach their pipeline by source topic, retry records by their origin header."""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY
+
+from consumer.errors import ErrorClass
+from consumer.events import Origin
+from consumer.pipeline import BatchProcessor
+from consumer.retry import H_ORIGINAL_TOPIC, RetryPolicy, RetryState
+from consumer.router import Router
+from consumer.settings import Settings
+from consumer.spec import PipelineSpec
+from tests.unit.fakes import DLQ_TOPIC, FakeEmbedder, FakePublisher, FakeSink, Topic, k
+
+PROCESS = Settings()
+SPECS = {
+    name: PipelineSpec(
+        name=name,
+        source_table=f"public.{name}",
+        text_columns=("title", "body"),
+        vector_table=f"public.{name}_v",
+    )
+    for name in ("notes", "tickets")
+}
+
+
+class Two:
+    """Two pipelines over fake sinks, sharing a publisher (one Kafka transaction) like the service does."""
+
+    def __init__(self) -> None:
+        self.publisher = FakePublisher()
+        self.sinks = {name: FakeSink() for name in SPECS}
+        self.views = {name: spec.settings(PROCESS) for name, spec in SPECS.items()}
+        self.topics = {name: Topic(view.source_topic) for name, view in self.views.items()}
+        processors = {
+            view.source_topic: BatchProcessor(view, FakeEmbedder(), self.sinks[name], self.publisher)
+            for name, view in self.views.items()
+        }
+        self.router = Router(processors, {v.source_topic: v.pipeline for v in self.views.values()})
+
+
+def events_total(pipeline: str, outcome: str) -> float:
+    labels = {"pipeline": pipeline, "op": "create", "outcome": outcome}
+    return REGISTRY.get_sample_value("cdc_embedder_events_total", labels) or 0.0
+
+
+async def test_each_record_lands_in_its_own_pipeline_and_is_counted_there() -> None:
+    two = Two()
+    before = {name: events_total(name, "embedded") for name in SPECS}
+    notes, tickets = two.topics["notes"], two.topics["tickets"]
+    report = await two.router.process(
+        [notes.create(1, 100, "a"), tickets.create(1, 101, "b"), notes.create(2, 102, "c")]
+    )
+    assert set(two.sinks["notes"].rows) == {k(1), k(2)}
+    assert set(two.sinks["tickets"].rows) == {k(1)}
+    report.record_metrics()
+    assert {name: events_total(name, "embedded") - before[name] for name in SPECS} == {
+        "notes": 2,
+        "tickets": 1,
+    }
+
+
+async def test_a_retry_record_goes_back_to_the_pipeline_it_came_from() -> None:
+    two = Two()
+    source = two.topics["tickets"].create(7, 100, "retried text")
+    route = RetryPolicy(PROCESS).route(
+        RetryState(0, None, 0, Origin(source.topic, 0, source.offset)), ErrorClass.MODEL_ERROR, "boom"
+    )
+    assert route.topic == two.views["notes"].retry_topic == two.views["tickets"].retry_topic
+    retry = Topic(route.topic).record(7, source.value, route.headers)
+    await two.router.process([retry])
+    assert set(two.sinks["tickets"].rows) == {k(7)}
+    assert not two.sinks["notes"].rows
+
+
+async def test_a_record_of_no_pipeline_is_dead_lettered_with_the_way_back() -> None:
+    two = Two()
+    orphan = Topic("cdc.public.gone").create(1, 100, "text")
+    headers = [
+        (H_ORIGINAL_TOPIC, b"cdc.public.gone"),
+        ("cdc-original-partition", b"0"),
+        ("cdc-original-offset", b"0"),
+    ]
+    retry = Topic(PROCESS.retry_topic).record(1, orphan.value, headers)
+    report = await two.router.process([retry])
+    assert dict(report.outcomes) == {"dead_lettered": 1}
+    [dead] = two.publisher.sent
+    assert dead.topic == DLQ_TOPIC
+    assert dead.header["cdc-error-class"] == b"no_pipeline"
+    assert b"no pipeline reads cdc.public.gone" in dead.header["cdc-error-message"]
+    assert b"CDC_PIPELINES_FILE" in dead.header["cdc-error-message"]
+    assert not any(sink.rows for sink in two.sinks.values())

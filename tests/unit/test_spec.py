@@ -1,0 +1,166 @@
+"""consumer.spec: the pipelines file, the default pipeline from CDC_* variables, text templates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from consumer.events import EventError, join_text
+from consumer.settings import Settings
+from consumer.spec import (
+    LocalEmbedderSpec,
+    PipelinesFileError,
+    PipelineSpec,
+    load_pipelines,
+    parse_pipelines,
+    pipeline_settings,
+    template_columns,
+)
+
+TWO_PIPELINES = """
+pipelines:
+  documents:
+    source_table: public.documents
+    text_columns: [title, body]
+    vector_table: public.document_embeddings
+  tickets:
+    source_table: support.tickets
+    key_columns: [org_id, ticket_id]
+    text_template: "{subject}\\n\\n{description}"
+    vector_table: support.ticket_embeddings
+    embedder: {kind: local, model: /models/small, max_seq_length: 256}
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_without_a_file_the_variables_make_the_one_pipeline() -> None:
+    settings = Settings.from_env_map(
+        {"CDC_SOURCE_TABLE": "shop.items", "CDC_TEXT_COLUMNS": "name,notes", "CDC_MODEL": "/m"}
+    )
+    (spec,) = load_pipelines(settings)
+    assert (spec.name, spec.source_table, spec.text_columns) == ("items", "shop.items", ("name", "notes"))
+    assert spec.embedder == LocalEmbedderSpec(model="/m")
+    view = spec.settings(settings)
+    # the default pipeline's view is the process settings themselves
+    assert view.model_dump() == settings.model_dump() | {"pipeline_name": "items"}
+
+
+def test_a_file_declares_several_pipelines_each_with_its_own_view(tmp_path: Path) -> None:
+    process = Settings.from_env_map({"CDC_CONSUMER_GROUP": "g", "CDC_TOPIC_PREFIX": "x"})
+    documents, tickets = parse_pipelines(write(tmp_path, TWO_PIPELINES))
+    assert tickets.key_columns == ("org_id", "ticket_id")
+    view = tickets.settings(process)
+    assert (view.pipeline, view.source_topic, view.vector_table) == (
+        "tickets",
+        "x.support.tickets",
+        "support.ticket_embeddings",
+    )
+    assert (view.text_column_list, view.text_template) == (
+        ("subject", "description"),
+        "{subject}\n\n{description}",
+    )
+    assert (view.model, view.max_seq_length, view.key_column_list) == (
+        "/models/small",
+        256,
+        ("org_id", "ticket_id"),
+    )
+    # process-level settings stay shared: one consumer group, one retry topic for both pipelines
+    assert view.retry_topic == documents.settings(process).retry_topic == "g.retry"
+
+
+def test_a_command_picks_its_pipeline_by_name(tmp_path: Path) -> None:
+    settings = Settings.from_env_map({"CDC_PIPELINES_FILE": str(write(tmp_path, TWO_PIPELINES))})
+    assert pipeline_settings(settings, "tickets").source_table == "support.tickets"
+    with pytest.raises(PipelinesFileError, match="name one: the pipelines are documents, tickets"):
+        pipeline_settings(settings, None)
+    with pytest.raises(PipelinesFileError, match="no pipeline 'nope'"):
+        pipeline_settings(settings, "nope")
+    assert pipeline_settings(Settings(), None).pipeline == "documents"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("pipelines: []", "must hold a mapping 'pipelines:'"),
+        ("nothing: here", "must hold a mapping 'pipelines:'"),
+        ("pipelines: {a: 3}", "pipeline 'a': must be a mapping"),
+        ("pipelines:\n  Docs: {source_table: a, vector_table: b}", "pipeline 'Docs': name: Value error"),
+        ("pipelines:\n  a: {source_table: a}", "pipeline 'a': vector_table: Field required"),
+        ("pipelines:\n  a: {source_table: 'x;y', vector_table: b}", "source_table: Value error, 'x;y'"),
+        ("pipelines:\n  a: {source_table: a, vector_table: b, colour: red}", "colour: Extra inputs"),
+        (
+            "pipelines:\n  a: {source_table: a, vector_table: b, embedder: {kind: magic}}",
+            "embedder: Input tag",
+        ),
+        (
+            "pipelines:\n  a: {source_table: a, vector_table: b, text_columns: [t], text_template: '{t}'}",
+            "text_columns or text_template (one of them, not both)",
+        ),
+        (
+            "pipelines:\n  a: {source_table: a, vector_table: b, text_template: 'no fields'}",
+            "names no column",
+        ),
+        (
+            "pipelines:\n  a: {source_table: a, vector_table: b, text_columns: [t]}\n"
+            "  b: {source_table: public.a, vector_table: c, text_columns: [t]}",
+            "pipelines 'a' and 'b' have the same source_table public.a",
+        ),
+        ("pipelines:\n  a: {source_table: a, vector_table: a2}", "give text_columns or text_template"),
+        ("pipelines: {a: [unclosed", "cannot read"),
+    ],
+)
+def test_a_bad_file_names_the_file_the_pipeline_and_the_field(
+    tmp_path: Path, text: str, message: str
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(PipelinesFileError) as caught:
+        parse_pipelines(path)
+    assert str(path) in str(caught.value)
+    assert "CDC_PIPELINES_FILE" in str(caught.value)
+    assert message in str(caught.value)
+
+
+def test_a_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(PipelinesFileError, match="cannot read .*missing.yaml"):
+        parse_pipelines(tmp_path / "missing.yaml")
+
+
+def test_template_columns_in_order_each_once() -> None:
+    assert template_columns("{title}: {body} ({title})") == ("title", "body")
+    for bad in ("{0}", "{a.b}", "{a[0]}", "{"):
+        with pytest.raises(ValueError):
+            template_columns(bad)
+
+
+@pytest.mark.parametrize(
+    ("row", "text"),
+    [
+        ({"title": "T", "body": "B"}, "T: B"),
+        ({"title": None, "body": "B"}, ": B"),
+        ({"title": "  ", "body": None}, ":"),
+        ({"title": 3, "body": "B"}, "3: B"),
+    ],
+)
+def test_a_template_makes_the_text(row: dict[str, object], text: str) -> None:
+    assert join_text(row, ("title", "body"), "{title}: {body}") == text
+
+
+def test_a_template_of_empty_columns_is_no_text() -> None:
+    assert join_text({"title": None, "body": " "}, ("title", "body"), "{title}\n\n{body}") == ""
+
+
+def test_a_template_needs_every_column_it_names() -> None:
+    with pytest.raises(EventError, match="no column 'body'"):
+        join_text({"title": "T"}, ("title", "body"), "{title} {body}")
+
+
+def test_a_pipeline_name_is_a_safe_label() -> None:
+    with pytest.raises(ValueError, match="lower case"):
+        PipelineSpec(name="Bad Name", source_table="a", vector_table="b")
+    assert Settings(source_table="public.Mixed$Case").pipeline == "mixed_case"
