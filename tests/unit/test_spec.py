@@ -127,7 +127,7 @@ def test_a_bad_file_names_the_file_the_pipeline_and_the_field(
 
 
 def test_a_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(PipelinesFileError, match="cannot read .*missing.yaml"):
+    with pytest.raises(PipelinesFileError, match=r"cannot read .*missing\.yaml"):
         parse_pipelines(tmp_path / "missing.yaml")
 
 
