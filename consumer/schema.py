@@ -317,4 +317,4 @@ async def ensure_publication(conn: psycopg.AsyncConnection, publication: str, ta
             f"({exc.sqlstate}: {str(exc).strip()}): create the tables, or as their owner run "
             f"ALTER PUBLICATION {publication} ADD TABLE <each one missing>"
         ) from None
-    return [table.as_string(conn) for table in added]
+    return [table for table, ident in zip(tables, idents, strict=True) if ident in added]

@@ -111,3 +111,17 @@ def test_malformed_file_is_a_clear_error(tmp_path: Path, content: str) -> None:
     path.write_text(content)
     with pytest.raises(ConnectorError, match=str(path)):
         load_connector_file(path)
+
+
+def test_the_connector_captures_every_declared_pipeline(tmp_path: Path) -> None:
+    path = tmp_path / "pipelines.yaml"
+    path.write_text(
+        "pipelines:\n"
+        "  a: {source_table: shop.orders, text_columns: [notes], vector_table: shop.order_vectors}\n"
+        "  b: {source_table: crm.notes, text_template: '{body}', vector_table: crm.note_vectors}\n"
+    )
+    config = connector_config(_settings(pipelines_file=path), tables=("public.cdc_embedder_signal",))[
+        "config"
+    ]
+    # the CDC_SOURCE_TABLE default is no pipeline once a file declares them
+    assert config["table.include.list"] == "shop.orders,crm.notes,public.cdc_embedder_signal"
