@@ -36,7 +36,7 @@ from consumer.logs import get_logger
 from consumer.ownership import UNSTAMPED, Claim, Ownership, Stamp
 from consumer.pipeline import BatchReport, Record
 from consumer.producer import Sent, TransactionalProducer
-from consumer.retry import H_ERROR_CLASS, H_ERROR_MESSAGE, RetryState, now_ms
+from consumer.retry import H_ERROR_CLASS, H_ERROR_MESSAGE, H_PIPELINE, RetryState, now_ms
 from consumer.router import Processor
 from consumer.settings import Settings
 from consumer.sink import Sink
@@ -189,6 +189,7 @@ class EmbeddingConsumer:
             state = RetryState.from_headers(item.headers, Origin(item.topic, -1, -1))
             fields = {
                 "key": _text(item.key),
+                "pipeline": _text(headers.get(H_PIPELINE)),
                 "error_class": _text(headers.get(H_ERROR_CLASS)),
                 "reason": _text(headers.get(H_ERROR_MESSAGE)),
                 "attempt": state.attempts,

@@ -85,7 +85,7 @@ def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.dlq import ReplayFilter, replay_dead_letters
 
-    keep = ReplayFilter(args.error_class, _ms(args.since), _ms(args.until))
+    keep = ReplayFilter(args.error_class, args.pipeline, _ms(args.since), _ms(args.until))
     result = asyncio.run(replay_dead_letters(settings, keep, say))
     say(
         f"replayed {result.replayed} of {result.scanned} dead letters from {settings.dlq_topic} "
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--pipeline", default=None, help="whose vectors (needed when there are several)")
     replay = commands.add_parser("replay-dlq", help="re-publish dead-lettered records to the source topic")
     replay.add_argument("--error-class", default=None, help="only records of this class (e.g. model_error)")
+    replay.add_argument("--pipeline", default=None, help="only records this pipeline failed")
     replay.add_argument("--since", default=None, help="first failed at or after (ISO 8601)")
     replay.add_argument("--until", default=None, help="first failed at or before (ISO 8601)")
     backfill = commands.add_parser(

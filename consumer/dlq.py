@@ -26,6 +26,7 @@ from consumer.retry import (
     H_FIRST_FAILURE_MS,
     H_ORIGINAL_TOPIC,
     H_PAYLOAD_DROPPED,
+    H_PIPELINE,
     H_REPLAYED_AT_MS,
     now_ms,
 )
@@ -35,11 +36,14 @@ from consumer.settings import Settings
 @dataclass(frozen=True, slots=True)
 class ReplayFilter:
     error_class: str | None = None
+    pipeline: str | None = None
     since_ms: int | None = None  # by first failure time
     until_ms: int | None = None
 
     def matches(self, headers: dict[str, bytes]) -> bool:
         if self.error_class is not None and headers.get(H_ERROR_CLASS, b"").decode() != self.error_class:
+            return False
+        if self.pipeline is not None and headers.get(H_PIPELINE, b"").decode() != self.pipeline:
             return False
         try:
             failed_ms = int(headers.get(H_FIRST_FAILURE_MS, b"0"))

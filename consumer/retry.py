@@ -27,6 +27,7 @@ H_ERROR_MESSAGE = "cdc-error-message"
 H_ORIGINAL_TOPIC = "cdc-original-topic"
 H_ORIGINAL_PARTITION = "cdc-original-partition"
 H_ORIGINAL_OFFSET = "cdc-original-offset"
+H_PIPELINE = "cdc-pipeline"  # the pipeline that failed it: for logs and `replay-dlq --pipeline`
 H_REPLAYED_AT_MS = "cdc-replayed-at-ms"
 H_PAYLOAD_DROPPED = "cdc-payload-dropped"  # a reference dead letter: the copy was too large to publish
 _MAX_MESSAGE_BYTES = 2000
@@ -83,6 +84,7 @@ class Route:
 
 class RetryPolicy:
     def __init__(self, settings: Settings) -> None:
+        self.pipeline = settings.pipeline
         self.retry_topic = settings.retry_topic
         self.dlq_topic = settings.dlq_topic
         self.max_attempts = settings.retry_max_attempts
@@ -109,5 +111,6 @@ class RetryPolicy:
             (H_ORIGINAL_TOPIC, state.origin.topic.encode()),
             (H_ORIGINAL_PARTITION, str(state.origin.partition).encode()),
             (H_ORIGINAL_OFFSET, str(state.origin.offset).encode()),
+            (H_PIPELINE, self.pipeline.encode()),
         ]
         return Route(self.dlq_topic if dead else self.retry_topic, headers, dead)

@@ -96,3 +96,13 @@ def test_matches_headers_written_by_the_retry_policy() -> None:
     assert ReplayFilter(error_class="invalid_json", since_ms=T, until_ms=T).matches(headers) is True
     assert ReplayFilter(error_class="model_error").matches(headers) is False
     assert ReplayFilter(since_ms=T + 1).matches(headers) is False
+
+
+def test_pipeline_filter_keeps_what_that_pipeline_failed() -> None:
+    route = RetryPolicy(Settings(pipeline_name="tickets")).route(
+        RetryState(0, None, 0, Origin("cdc.support.tickets", 0, 1)), ErrorClass.INVALID_JSON, "bad"
+    )
+    headers = dict(route.headers)
+    assert ReplayFilter(pipeline="tickets").matches(headers) is True
+    assert ReplayFilter(pipeline="documents").matches(headers) is False
+    assert ReplayFilter(pipeline="tickets").matches(dead_letter()) is False  # older ones carry no pipeline

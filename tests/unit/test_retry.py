@@ -15,6 +15,7 @@ from consumer.retry import (
     H_ORIGINAL_OFFSET,
     H_ORIGINAL_PARTITION,
     H_ORIGINAL_TOPIC,
+    H_PIPELINE,
     Headers,
     RetryPolicy,
     RetryState,
@@ -96,6 +97,7 @@ def test_permanent_error_goes_to_the_dlq_at_once(error_class: ErrorClass) -> Non
         H_ORIGINAL_TOPIC: b"cdc.public.documents",
         H_ORIGINAL_PARTITION: b"1",
         H_ORIGINAL_OFFSET: b"4242",
+        H_PIPELINE: b"documents",
     }
 
 
