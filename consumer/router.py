@@ -1,9 +1,11 @@
-"""Which pipeline a record belongs to: the one of its source topic; for a retry record, of the topic it
-first came from (its origin header), since all pipelines of a consumer group share one retry topic."""
+"""Which pipelines a record belongs to: those of its source topic (several when they embed one table
+with different models); a retry record goes back to the one pipeline that failed it (its header), as
+all pipelines of a consumer group share one retry topic."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import structlog
@@ -11,7 +13,7 @@ import structlog
 from consumer.errors import ErrorClass
 from consumer.events import Origin
 from consumer.pipeline import BatchReport, Record
-from consumer.retry import RetryState
+from consumer.retry import H_PIPELINE, RetryState
 
 
 class Processor(Protocol):
@@ -22,6 +24,13 @@ class Processor(Protocol):
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport: ...
 
 
+@dataclass(frozen=True, slots=True)
+class Route:
+    topic: str  # the pipeline's source topic
+    name: str
+    processor: Processor
+
+
 class Router:
     """Splits a batch by pipeline and applies each part with that pipeline's processor.
 
@@ -30,48 +39,55 @@ class Router:
     before anything is committed in Kafka, and applying the parts that landed again changes nothing.
     """
 
-    def __init__(self, processors: Mapping[str, Processor], names: Mapping[str, str]) -> None:
-        """`processors` and `names` (the pipelines' names) by source topic; at least one."""
-        if not processors:
+    def __init__(self, routes: Sequence[Route]) -> None:
+        if not routes:
             raise ValueError("a router needs at least one pipeline")
-        self._processors = dict(processors)
-        self._names = dict(names)
+        self._routes = list(routes)
         # records of no pipeline are dead-lettered through one of them: routing needs no table
-        self._fallback = next(iter(self._processors.values()))
+        self._fallback = self._routes[0].processor
 
     @property
     def source_topics(self) -> list[str]:
-        return list(self._processors)
+        return list(dict.fromkeys(r.topic for r in self._routes))
 
-    def topic_of(self, record: Record) -> str:
-        fallback = Origin(record.topic, record.partition, record.offset)
-        return RetryState.from_headers(record.headers or (), fallback).origin.topic
+    def routes_of(self, record: Record) -> list[Route]:
+        headers = record.headers or ()
+        origin = RetryState.from_headers(
+            headers, Origin(record.topic, record.partition, record.offset)
+        ).origin
+        routes = [r for r in self._routes if r.topic == origin.topic]
+        failed_in = dict(headers).get(H_PIPELINE)
+        named = [r for r in routes if failed_in is not None and r.name == failed_in.decode(errors="replace")]
+        return named or routes  # a replayed dead letter, or one of a pipeline since renamed: all of them
 
     async def process(self, records: Sequence[Record]) -> BatchReport:
-        parts: dict[str, list[Record]] = {}
+        parts: dict[int, list[Record]] = {}
         strays: list[Record] = []
         for record in records:
-            topic = self.topic_of(record)
-            if topic in self._processors:
-                parts.setdefault(topic, []).append(record)
-            else:
+            routes = self.routes_of(record)
+            for route in routes:
+                parts.setdefault(id(route), []).append(record)
+            if not routes:
                 strays.append(record)
         report = BatchReport()
-        for topic, part in parts.items():
-            with structlog.contextvars.bound_contextvars(pipeline=self._names[topic]):
-                report.merge(await self._processors[topic].process(part))
+        for route in self._routes:
+            if part := parts.get(id(route)):
+                with structlog.contextvars.bound_contextvars(pipeline=route.name):
+                    report.merge(await route.processor.process(part))
         for record in strays:
-            report.merge(
-                await self._fallback.dead_letter(record, ErrorClass.NO_PIPELINE, self._stray(record))
-            )
+            stray = await self._fallback.dead_letter(record, ErrorClass.NO_PIPELINE, self._stray(record))
+            report.merge(stray)
         return report
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:
-        processor = self._processors.get(self.topic_of(record), self._fallback)
-        return await processor.dead_letter(record, error_class, message)
+        report = BatchReport()
+        for route in self.routes_of(record) or [Route("", "", self._fallback)]:
+            report.merge(await route.processor.dead_letter(record, error_class, message))
+        return report
 
     def _stray(self, record: Record) -> str:
+        topic = RetryState.from_headers(record.headers or (), Origin(record.topic, -1, -1)).origin.topic
         return (
-            f"no pipeline reads {self.topic_of(record)} (pipelines read {', '.join(self._processors)}): "
+            f"no pipeline reads {topic} (pipelines read {', '.join(self.source_topics)}): "
             "declare it again in CDC_PIPELINES_FILE and replay this dead letter (cdc-embedder replay-dlq)"
         )

@@ -33,7 +33,7 @@ from consumer.kafka import (
 from consumer.logs import get_logger
 from consumer.pipeline import BatchProcessor
 from consumer.producer import TransactionalProducer
-from consumer.router import Processor, Router
+from consumer.router import Route, Router
 from consumer.schema import ensure_vector_table
 from consumer.settings import Settings
 from consumer.sink import PgVectorSink, open_pool
@@ -146,15 +146,18 @@ async def _consume(
         raise unreachable(settings, exc) from exc
     try:
         publisher = KafkaPublisher(producer)
-        processors: dict[str, Processor] = {}
-        names = {}
-        for p in pipelines:
-            topic = p.settings.source_topic
-            processors[topic] = BatchProcessor(
-                p.settings, p.embedder, p.sink, publisher, executor, p.key_columns, health.model_stall
-            )
-            names[topic] = p.settings.pipeline
-        router = Router(processors, names)
+        router = Router(
+            [
+                Route(
+                    p.settings.source_topic,
+                    p.settings.pipeline,
+                    BatchProcessor(
+                        p.settings, p.embedder, p.sink, publisher, executor, p.key_columns, health.model_stall
+                    ),
+                )
+                for p in pipelines
+            ]
+        )
         # the sink serves the loop's database health check: all pipelines share its pool
         consumer = EmbeddingConsumer(
             settings, kafka, producer, router, pipelines[0].sink, health, router.source_topics

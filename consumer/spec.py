@@ -79,6 +79,9 @@ class PipelineSpec(_Spec):
     on_model_change: Literal["refuse", "reembed"] = "refuse"
     hnsw_m: int = Field(default=16, ge=2, le=100)
     hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
+    # The view the users' searches read; pipelines of one source that name the same view are the old
+    # and the new target of a model change (`cdc-embedder migrate`).
+    search_view: str | None = None
 
     @field_validator("name")
     @classmethod
@@ -87,9 +90,11 @@ class PipelineSpec(_Spec):
             raise ValueError(f"{value!r} must be lower case letters, digits, - or _, starting with a letter")
         return value
 
-    @field_validator("source_table", "vector_table")
+    @field_validator("source_table", "vector_table", "search_view")
     @classmethod
-    def _table(cls, value: str) -> str:
+    def _table(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not _TABLE.match(value):
             raise ValueError(f"{value!r} is not a table name like schema.table")
         return value if "." in value else f"public.{value}"
@@ -205,16 +210,29 @@ def parse_pipelines(path: Path) -> tuple[PipelineSpec, ...]:
 
 
 def _check_apart(specs: list[PipelineSpec], where: str) -> None:
-    """Records are routed by their source topic and vectors kept per table: neither may be shared."""
-    for field in ("source_table", "vector_table"):
-        seen: dict[str, str] = {}
-        for spec in specs:
-            table = getattr(spec, field)
-            if table in seen:
-                raise PipelinesFileError(
-                    f"{where}: pipelines {seen[table]!r} and {spec.name!r} have the same {field} {table}"
-                )
-            seen[table] = spec.name
+    """Each pipeline keeps its vectors in a table of its own; a view serves pipelines of one source.
+
+    Pipelines may share a source table: each change is applied to every one of them.
+    """
+    tables: dict[str, str] = {}
+    views: dict[str, PipelineSpec] = {}
+    for spec in specs:
+        if spec.vector_table in tables:
+            raise PipelinesFileError(
+                f"{where}: pipelines {tables[spec.vector_table]!r} and {spec.name!r} have the same "
+                f"vector_table {spec.vector_table}"
+            )
+        tables[spec.vector_table] = spec.name
+        if spec.search_view is None:
+            continue
+        other = views.setdefault(spec.search_view, spec)
+        if other.source_table != spec.source_table:
+            raise PipelinesFileError(
+                f"{where}: pipelines {other.name!r} and {spec.name!r} serve the search_view "
+                f"{spec.search_view} from different source tables"
+            )
+    if clash := set(views) & set(tables):
+        raise PipelinesFileError(f"{where}: {', '.join(clash)} is a vector_table and a search_view")
 
 
 def pipeline_settings(settings: Settings, name: str | None) -> Settings:

@@ -8,7 +8,7 @@ from consumer.errors import ErrorClass
 from consumer.events import Origin
 from consumer.pipeline import BatchProcessor
 from consumer.retry import H_ORIGINAL_TOPIC, RetryPolicy, RetryState
-from consumer.router import Router
+from consumer.router import Route, Router
 from consumer.settings import Settings
 from consumer.spec import PipelineSpec
 from tests.unit.fakes import DLQ_TOPIC, FakeEmbedder, FakePublisher, FakeSink, Topic, k
@@ -33,11 +33,16 @@ class Two:
         self.sinks = {name: FakeSink() for name in SPECS}
         self.views = {name: spec.settings(PROCESS) for name, spec in SPECS.items()}
         self.topics = {name: Topic(view.source_topic) for name, view in self.views.items()}
-        processors = {
-            view.source_topic: BatchProcessor(view, FakeEmbedder(), self.sinks[name], self.publisher)
-            for name, view in self.views.items()
-        }
-        self.router = Router(processors, {v.source_topic: v.pipeline for v in self.views.values()})
+        self.router = Router(
+            [
+                Route(
+                    view.source_topic,
+                    name,
+                    BatchProcessor(view, FakeEmbedder(), self.sinks[name], self.publisher),
+                )
+                for name, view in self.views.items()
+            ]
+        )
 
 
 def events_total(pipeline: str, outcome: str) -> float:
@@ -91,3 +96,39 @@ async def test_a_record_of_no_pipeline_is_dead_lettered_with_the_way_back() -> N
     assert b"no pipeline reads cdc.public.gone" in dead.header["cdc-error-message"]
     assert b"CDC_PIPELINES_FILE" in dead.header["cdc-error-message"]
     assert not any(sink.rows for sink in two.sinks.values())
+
+
+async def test_pipelines_of_one_table_each_apply_its_changes_and_retry_only_their_own_failures() -> None:
+    """The old and the new target of a model change: both see every change; a retry goes back only to
+    the pipeline that failed it."""
+    publisher = FakePublisher()
+    old, new = (
+        PipelineSpec(
+            name=n, source_table="public.docs", text_columns=("title", "body"), vector_table=f"public.{n}"
+        )
+        for n in ("old", "new")
+    )
+    sinks = {"old": FakeSink(), "new": FakeSink()}
+    failing = FakeEmbedder(fail_texts=["poison\n\nbody"])
+    router = Router(
+        [
+            Route(
+                s.settings(PROCESS).source_topic,
+                s.name,
+                BatchProcessor(s.settings(PROCESS), e, sinks[s.name], publisher),
+            )
+            for s, e in ((old, FakeEmbedder()), (new, failing))
+        ]
+    )
+    topic = Topic(old.settings(PROCESS).source_topic)
+    await router.process([topic.create(1, 100, "fine"), topic.create(2, 101, "poison")])
+    assert set(sinks["old"].rows) == {k(1), k(2)}
+    assert set(sinks["new"].rows) == {k(1)}
+    [retry] = publisher.sent
+    assert retry.header["cdc-pipeline"] == b"new"
+
+    failing.fail_texts.clear()
+    old_calls = len(sinks["old"].writes)
+    await router.process([Topic(retry.topic).record(2, retry.value, retry.headers)])
+    assert set(sinks["new"].rows) == {k(1), k(2)}
+    assert len(sinks["old"].writes) == old_calls  # the old pipeline never saw the retry

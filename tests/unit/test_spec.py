@@ -108,8 +108,17 @@ def test_a_command_picks_its_pipeline_by_name(tmp_path: Path) -> None:
         ),
         (
             "pipelines:\n  a: {source_table: a, vector_table: b, text_columns: [t]}\n"
-            "  b: {source_table: public.a, vector_table: c, text_columns: [t]}",
-            "pipelines 'a' and 'b' have the same source_table public.a",
+            "  b: {source_table: c, vector_table: public.b, text_columns: [t]}",
+            "pipelines 'a' and 'b' have the same vector_table public.b",
+        ),
+        (
+            "pipelines:\n  a: {source_table: a, vector_table: b, text_columns: [t], search_view: v}\n"
+            "  b: {source_table: c, vector_table: d, text_columns: [t], search_view: v}",
+            "serve the search_view public.v from different source tables",
+        ),
+        (
+            "pipelines:\n  a: {source_table: a, vector_table: b, text_columns: [t], search_view: b}",
+            "public.b is a vector_table and a search_view",
         ),
         ("pipelines:\n  a: {source_table: a, vector_table: a2}", "give text_columns or text_template"),
         ("pipelines: {a: [unclosed", "cannot read"),
