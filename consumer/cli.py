@@ -118,6 +118,32 @@ def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(backfill())
 
 
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.ops import migrate
+
+    async def run() -> int:
+        async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
+            if args.action == "status":
+                before = await migrate.progress(conn, settings, args.view)
+                await asyncio.sleep(args.sample_s)  # two samples: a rate for the ETA
+                after = await migrate.progress(conn, settings, args.view)
+                for was, now in zip(before, after, strict=True):
+                    say(now.describe(was, args.sample_s))
+            elif args.action == "switch":
+                if args.to is None:
+                    raise migrate.MigrateError("switch needs --to PIPELINE")
+                served = await migrate.switch(conn, settings, args.view, args.to, args.force)
+                say(f"{args.view} now reads {args.to} (it read {served})")
+            elif args.action == "rollback":
+                say(f"{args.view} reads {await migrate.rollback(conn, settings, args.view)} again")
+            else:
+                dropped = await migrate.retire(conn, settings, args.view)
+                say(f"dropped {dropped}, which {args.view} read before")
+        return 0
+
+    return asyncio.run(run())
+
+
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.demo import run_demo
 
@@ -164,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument("--where", default=None, help="SQL condition on the source table (default: all)")
     backfill.add_argument("--dry-run", action="store_true", help="say how many rows and tokens; do nothing")
     backfill.add_argument("--no-follow", action="store_true", help="ask for the snapshot and return")
+    migrate = commands.add_parser("migrate", help="move a search view to another model without a gap")
+    migrate.add_argument("action", choices=["status", "switch", "rollback", "retire"])
+    migrate.add_argument("view", help="the search_view of the pipelines (schema.view)")
+    migrate.add_argument("--to", default=None, help="with switch: the pipeline the view is to read")
+    migrate.add_argument("--force", action="store_true", help="with switch: even if vectors are missing")
+    migrate.add_argument("--sample-s", type=float, default=5.0, help="with status: seconds between samples")
     demo = commands.add_parser("demo", help="stack up, connector, sample rows, consumer, then a search")
     demo.add_argument("--file", type=Path, default=None, help="JSONL of {id, title, body} rows to load")
     bench = commands.add_parser(
@@ -190,6 +222,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "search": _cmd_search,
     "replay-dlq": _cmd_replay,
     "backfill": _cmd_backfill,
+    "migrate": _cmd_migrate,
     "demo": _cmd_demo,
     "bench": _cmd_bench,
 }
