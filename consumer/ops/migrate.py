@@ -103,32 +103,43 @@ async def served_by(conn: psycopg.AsyncConnection, view: str) -> tuple[str | Non
 async def progress(conn: psycopg.AsyncConnection, settings: Settings, view: str) -> list[Progress]:
     current, _, _ = await served_by(conn, view)
     await conn.commit()
-    found = []
-    for spec in serving(settings, view):
-        pipeline = spec.settings(settings)
-        found.append(await _count(conn, pipeline, current == spec.name))
-    return found
+    specs = serving(settings, view)
+    against = next((s.settings(settings) for s in specs if s.name == current), None)
+    return [await _count(conn, spec.settings(settings), against) for spec in specs]
 
 
-async def _count(conn: psycopg.AsyncConnection, pipeline: Settings, served: bool) -> Progress:
+async def _count(conn: psycopg.AsyncConnection, pipeline: Settings, served: Settings | None) -> Progress:
+    """Vectors of the pipeline's model, and rows with text that lack one; while another target serves,
+    only rows that one has count as lacking: a row that came a moment ago is in neither yet."""
     info = await source_key(conn, pipeline)
     columns = [sql.Identifier("s", c) for c in pipeline.text_column_list]
     has_text = sql.SQL(" OR ").join(
         sql.SQL("nullif(btrim({}::text), '') IS NOT NULL").format(c) for c in columns
     )
     size = sql.SQL(" + ").join(sql.SQL("coalesce(length({}::text), 0)").format(c) for c in columns)
-    joined = sql.SQL(" AND ").join(
-        sql.SQL("v.{c} = s.{c}").format(c=sql.Identifier(c)) for c in info.key_columns
-    )
+
+    def joined(alias: str) -> sql.Composable:
+        return sql.SQL(" AND ").join(
+            sql.SQL("{a}.{c} = s.{c}").format(a=sql.Identifier(alias), c=sql.Identifier(c))
+            for c in info.key_columns
+        )
+
+    elsewhere: sql.Composable = sql.SQL("true")
+    if served is not None and served.vector_table != pipeline.vector_table:
+        elsewhere = sql.SQL("EXISTS (SELECT 1 FROM {} w WHERE {} AND w.embedding IS NOT NULL)").format(
+            sql.Identifier(*served.target), joined("w")
+        )
     cur = await conn.execute(
         sql.SQL(
             "SELECT count(*) FILTER (WHERE v.embedding IS NOT NULL AND v.model = %(model)s), "
-            "count(*) FILTER (WHERE v.embedding IS NULL OR v.model IS DISTINCT FROM %(model)s) "
+            "count(*) FILTER (WHERE (v.embedding IS NULL OR v.model IS DISTINCT FROM %(model)s) "
+            "AND {elsewhere}) "
             "FROM {source} s LEFT JOIN {target} v ON {joined} WHERE ({has_text}) AND {size} <= %(limit)s"
         ).format(
+            elsewhere=elsewhere,
             source=sql.Identifier(*pipeline.source),
             target=sql.Identifier(*pipeline.target),
-            joined=joined,
+            joined=joined("v"),
             has_text=has_text,
             size=size,
         ),
@@ -137,7 +148,8 @@ async def _count(conn: psycopg.AsyncConnection, pipeline: Settings, served: bool
     row = await cur.fetchone()
     assert row is not None
     await conn.commit()
-    return Progress(pipeline.pipeline, pipeline.model, pipeline.vector_table, row[0], row[1], served)
+    is_served = served is not None and served.vector_table == pipeline.vector_table
+    return Progress(pipeline.pipeline, pipeline.model, pipeline.vector_table, row[0], row[1], is_served)
 
 
 async def switch(conn: psycopg.AsyncConnection, settings: Settings, view: str, to: str, force: bool) -> str:
@@ -146,7 +158,8 @@ async def switch(conn: psycopg.AsyncConnection, settings: Settings, view: str, t
     if to not in specs:
         raise MigrateError(f"pipeline {to!r} does not serve {view}; those that do: {', '.join(specs)}")
     target = specs[to].settings(settings)
-    done = await _count(conn, target, served=False)
+    current, _, _ = await served_by(conn, view)
+    done = await _count(conn, target, specs[current].settings(settings) if current in specs else None)
     if done.pending and not force:
         raise MigrateError(
             f"{to} still lacks {done.pending} vectors ({done.share:.1%} done): run "
@@ -154,8 +167,8 @@ async def switch(conn: psycopg.AsyncConnection, settings: Settings, view: str, t
             "(or pass --force)"
         )
     info = await source_key(conn, target)
-    current, _, _ = await served_by(conn, view)
     keys = sql.SQL(", ").join(map(sql.Identifier, info.key_columns))
+    await conn.commit()  # what ran so far was reads: the switch is a transaction of its own
     async with conn.transaction():
         await conn.execute(
             sql.SQL("SELECT 1 FROM {} WHERE view = %s FOR UPDATE").format(_registry(view)), (view,)

@@ -18,7 +18,7 @@ def parser() -> argparse.ArgumentParser:
     return cli.build_parser()
 
 
-DOCUMENTED = ["run", "stack", "connector", "search", "replay-dlq", "backfill", "demo", "bench"]
+DOCUMENTED = ["run", "stack", "connector", "search", "replay-dlq", "backfill", "migrate", "demo", "bench"]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[str]:
@@ -69,6 +69,14 @@ def test_the_documented_commands_exist_and_dispatch(parser: argparse.ArgumentPar
                 "until": "2024-06-02T00:00:00+00:00",
             },
         ),
+        (["backfill", "tickets"], {"pipeline": "tickets", "where": None}),
+        (["search", "q", "--pipeline", "tickets"], {"pipeline": "tickets"}),
+        (["replay-dlq", "--pipeline", "tickets"], {"pipeline": "tickets", "error_class": None}),
+        (
+            ["migrate", "switch", "public.search", "--to", "v2"],
+            {"command": "migrate", "action": "switch", "view": "public.search", "to": "v2", "force": False},
+        ),
+        (["migrate", "status", "public.search"], {"action": "status", "sample_s": 5.0}),
         (["demo"], {"command": "demo", "file": None}),
         (["demo", "--file", "rows.jsonl"], {"command": "demo", "file": Path("rows.jsonl")}),
     ],
