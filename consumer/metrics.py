@@ -82,6 +82,11 @@ CONSUMER_LAG_SECONDS = Gauge(
 )
 PAUSED_PARTITIONS = Gauge(f"{PREFIX}_paused_partitions", "Partitions paused for backpressure or backoff.")
 ASSIGNED_PARTITIONS = Gauge(f"{PREFIX}_assigned_partitions", "Partitions assigned to this consumer.")
+SEARCH_VIEW_SERVED_BY = Gauge(
+    f"{PREFIX}_search_view_served_by",
+    "1 for the pipeline whose vectors a search view reads, 0 for the others of that view.",
+    ["view", "pipeline"],
+)
 REBALANCES = Counter(f"{PREFIX}_rebalances", "Partition assignments received.")
 LAST_BATCH_TIMESTAMP = Gauge(
     f"{PREFIX}_last_batch_timestamp_seconds", "Unix time of the last committed batch."

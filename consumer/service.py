@@ -31,6 +31,7 @@ from consumer.kafka import (
     wait_for_topic,
 )
 from consumer.logs import get_logger
+from consumer.ops.migrate import export_served_by
 from consumer.pipeline import BatchProcessor
 from consumer.producer import TransactionalProducer
 from consumer.router import Route, Router
@@ -70,6 +71,7 @@ async def run_service(
         embedders = await _load_embedders(views, embedder_factory, executor)
         pool = open_pool(settings)
         await pool.open(wait=True, timeout=30)
+        watcher: asyncio.Task[None] | None = None
         try:
             pipelines = []
             for view in views:
@@ -78,11 +80,16 @@ async def run_service(
                     info = await ensure_vector_table(conn, view, embedder.dimension)
                     await ensure_target_state(conn, view, embedder.name, embedder.dimension)
                 pipelines.append(_Pipeline(view, embedder, PgVectorSink(pool, view, info), info.key_columns))
+            watcher = asyncio.create_task(export_served_by(pool, specs), name="search views")
             # Started: the startup probe must not restart a pod that waits for Debezium's topic.
             health.started = health.database_ok = True
-            if await _prepare_topics(settings, [p.settings.source_topic for p in pipelines], stop):
+            if await _prepare_topics(
+                settings, list(dict.fromkeys(p.settings.source_topic for p in pipelines)), stop
+            ):
                 await _consume(settings, pipelines, health, executor, stop)
         finally:
+            if watcher is not None:
+                watcher.cancel()
             await pool.close()
     finally:
         beat.cancel()

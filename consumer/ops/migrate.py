@@ -13,11 +13,16 @@ Which pipeline serves each view is kept in `<view schema>.cdc_embedder_views`.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import psycopg
 from psycopg import sql
+from psycopg_pool import AsyncConnectionPool
 
+from consumer import metrics
 from consumer.errors import OperatorError
 from consumer.schema import source_key
 from consumer.settings import Settings
@@ -232,3 +237,22 @@ async def retire(conn: psycopg.AsyncConnection, settings: Settings, view: str) -
             (view,),
         )
     return previous_table
+
+
+async def export_served_by(
+    pool: AsyncConnectionPool, specs: Sequence[PipelineSpec], every_s: float = 30.0
+) -> None:
+    """Keep `cdc_embedder_search_view_served_by` current, so a dashboard shows which model answers."""
+    views = sorted({spec.search_view for spec in specs if spec.search_view})
+    while views:
+        for view in views:
+            with contextlib.suppress(psycopg.Error):  # the next round tries again; the loop sees outages
+                async with pool.connection() as conn:
+                    current, _, _ = await served_by(conn, view)
+                    await conn.commit()
+                for spec in specs:
+                    if spec.search_view == view:
+                        metrics.SEARCH_VIEW_SERVED_BY.labels(view=view, pipeline=spec.name).set(
+                            int(spec.name == current)
+                        )
+        await asyncio.sleep(every_s)

@@ -171,6 +171,9 @@ def test_a_model_change_under_load_leaves_no_search_gap(
     keys = [TABLE.values(n) for n in range(1, inserted + 1)]
     wait_consistent(db, old, keys, timeout_s=240)  # no change lost in either target
     wait_consistent(db, new, keys, timeout_s=240)
+    served_by = "cdc_embedder_search_view_served_by"
+    wait_until(lambda: consumer.metric_sum(served_by, view=VIEW, pipeline="new") == 1, 60, "the gauge")
+    assert consumer.metric_sum(served_by, view=VIEW, pipeline="old") == 0
     assert consumer.stop() == 0
 
     assert not searcher.errors, searcher.errors[:3]
