@@ -103,6 +103,23 @@ async def test_creates_retry_and_dead_letter_topics_like_the_source() -> None:
     assert fake.described == [SOURCE], "a missing topic is never described (it could be auto-created)"
 
 
+async def test_the_shared_topics_fit_every_pipelines_source() -> None:
+    """As many partitions as the widest source topic, room for the largest record of any."""
+    other = "cdc.support.tickets"
+    fake = FakeAdmin(
+        {SOURCE: 3, other: 12},
+        {SOURCE: {"max.message.bytes": "8388608"}, other: {"max.message.bytes": "1048588"}},
+    )
+    await ensure_topics(_admin(fake), Settings(), [SOURCE, other])
+    assert {(t.name, t.num_partitions) for t in fake.created} == {
+        ("cdc-embedder.retry", 12),
+        ("cdc-embedder.dlq", 12),
+    }
+    assert {int(t.topic_configs["max.message.bytes"]) for t in fake.created} == {
+        8_388_608 + HEADER_HEADROOM_BYTES
+    }
+
+
 async def test_existing_finite_dead_letter_topic_gets_a_warning_naming_the_fix() -> None:
     dlq = "cdc-embedder.dlq"
     fake = FakeAdmin(

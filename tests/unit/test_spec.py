@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from consumer.events import EventError, join_text
+from consumer.service import _load_embedders
 from consumer.settings import Settings
 from consumer.spec import (
     LocalEmbedderSpec,
@@ -17,6 +19,7 @@ from consumer.spec import (
     pipeline_settings,
     template_columns,
 )
+from tests.unit.fakes import FakeEmbedder
 
 TWO_PIPELINES = """
 pipelines:
@@ -173,3 +176,22 @@ def test_a_pipeline_name_is_a_safe_label() -> None:
     with pytest.raises(ValueError, match="lower case"):
         PipelineSpec(name="Bad Name", source_table="a", vector_table="b")
     assert Settings(source_table="public.Mixed$Case").pipeline == "mixed_case"
+
+
+async def test_pipelines_of_one_model_share_one_loaded_copy(tmp_path: Path) -> None:
+    again = (
+        "  again:\n    source_table: public.documents\n    text_columns: [title]\n"
+        "    vector_table: public.again\n"
+        "    embedder: {kind: local, model: /models/small, max_seq_length: 256}\n"
+    )
+    views = [spec.settings(Settings()) for spec in parse_pipelines(write(tmp_path, TWO_PIPELINES + again))]
+    loaded: list[str] = []
+
+    def factory(view: Settings) -> FakeEmbedder:
+        loaded.append(view.pipeline)
+        return FakeEmbedder()
+
+    with ThreadPoolExecutor(1) as executor:
+        embedders = await _load_embedders(views, factory, executor)
+    assert loaded == ["documents", "tickets"]
+    assert embedders["again"] is embedders["tickets"] is not embedders["documents"]
