@@ -98,3 +98,18 @@ def record_model_info(name: str, dimension: int, dtype: str) -> None:
 
 def count_event(op: str, outcome: str, n: int = 1) -> None:
     EVENTS.labels(op=op, outcome=outcome).inc(n)
+
+
+# The audit the consumer runs every CDC_AUDIT_INTERVAL_S (consumer/ops/audit.py), per kind of drift.
+DRIFT_ROWS = Gauge(
+    f"{PREFIX}_drift_rows", "Rows drifting between source and vector table, last audit.", ["kind"]
+)
+AUDIT_TIMESTAMP = Gauge(f"{PREFIX}_audit_last_timestamp_seconds", "When the last audit finished (Unix time).")
+AUDIT_SECONDS = Gauge(f"{PREFIX}_audit_duration_seconds", "How long the last audit took.")
+
+
+def record_audit(counts: dict[str, int], seconds: float, finished_at: float) -> None:
+    for kind, n in counts.items():
+        DRIFT_ROWS.labels(kind).set(n)
+    AUDIT_SECONDS.set(seconds)
+    AUDIT_TIMESTAMP.set(finished_at)

@@ -30,6 +30,7 @@ from consumer.kafka import (
     wait_for_topic,
 )
 from consumer.logs import get_logger
+from consumer.ops.audit import audit_periodically
 from consumer.pipeline import BatchProcessor
 from consumer.producer import TransactionalProducer
 from consumer.schema import ensure_vector_table
@@ -73,9 +74,14 @@ async def run_service(
                 await ensure_target_state(conn, settings, embedder.name, embedder.dimension)
             # Started: the startup probe must not restart a pod that waits for Debezium's topic.
             health.started = health.database_ok = True
-            if await _prepare_topics(settings, stop):
-                sink = PgVectorSink(pool, settings, info)
-                await _consume(settings, embedder, sink, health, executor, stop, info.key_columns)
+            audits = asyncio.create_task(audit_periodically(settings, stop), name="audit")
+            try:
+                if await _prepare_topics(settings, stop):
+                    sink = PgVectorSink(pool, settings, info)
+                    await _consume(settings, embedder, sink, health, executor, stop, info.key_columns)
+            finally:
+                audits.cancel()
+                await asyncio.gather(audits, return_exceptions=True)
         finally:
             await pool.close()
     finally:
