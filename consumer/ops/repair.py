@@ -22,6 +22,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.abc import AdaptContext
 
 from consumer.events import Key
 from consumer.ops.audit import AuditReport, AuditTarget, Drift, Finding, by_column
@@ -90,7 +91,7 @@ def _params(findings: Sequence[Finding], arity: int) -> dict[str, Any]:
     return {**{f"k{i}": c for i, c in enumerate(columns)}, "lsns": lsns}
 
 
-def key_filter(conn: psycopg.AsyncConnection[Any], t: AuditTarget, keys: Sequence[Key]) -> str:
+def key_filter(conn: AdaptContext | None, t: AuditTarget, keys: Sequence[Key]) -> str:
     """Debezium's additional condition selecting `keys` (in key order), short enough for its signal.
 
     Contiguous keys are grouped into ranges, fewer and wider until the condition fits: a wider range
@@ -113,7 +114,8 @@ def key_filter(conn: psycopg.AsyncConnection[Any], t: AuditTarget, keys: Sequenc
         condition = sql.SQL(" OR ").join(
             sql.SQL("{} BETWEEN {} AND {}").format(row, value(r[0]), value(r[-1])) for r in ranges
         )
-        text = condition.as_string(conn)
+        # parenthesised: Debezium joins the condition to its own chunk bounds with AND
+        text = sql.SQL("({})").format(condition).as_string(conn)
         if len(text) <= FILTER_CHARS or groups == 1:
             return text
         groups = max(1, groups // 2)
