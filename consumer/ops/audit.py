@@ -142,9 +142,10 @@ class _Queries:
         texts = sql.SQL(", ").join(map(sql.Identifier, t.text_columns))
         vector = sql.SQL("text_sha256, model, deleted, embedding IS NOT NULL, source_lsn")
         st, vt = sql.Identifier(*t.source), sql.Identifier(*t.target)
-        order = sql.SQL(", ").join(names)
-        self.first = sql.SQL("SELECT {}, {} FROM {} ORDER BY {} LIMIT %s").format(keys, texts, st, order)
-        self.after = sql.SQL("SELECT {}, {} FROM {} WHERE {} > {} ORDER BY {} LIMIT %s").format(
+        # qualified: a bare name in ORDER BY would be the output column, the key's text
+        order = sql.SQL(", ").join(sql.Identifier("x", c) for c in t.info.key_columns)
+        self.first = sql.SQL("SELECT {}, {} FROM {} x ORDER BY {} LIMIT %s").format(keys, texts, st, order)
+        self.after = sql.SQL("SELECT {}, {} FROM {} x WHERE {} > {} ORDER BY {} LIMIT %s").format(
             keys, texts, st, row, typed, order
         )
         self.lower, self.upper = sql.SQL("{} > {}").format(row, typed), sql.SQL("{} <= {}").format(row, typed)
