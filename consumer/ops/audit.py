@@ -14,6 +14,7 @@ The core takes explicit arguments (`AuditTarget`); `AuditTarget.from_settings` a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -266,19 +267,16 @@ async def audit_pipeline(
 async def audit_periodically(settings: Settings, stop: asyncio.Event) -> None:
     """The consumer's audit every CDC_AUDIT_INTERVAL_S, exported as gauges: on a connection of its own
     (never one of the batches' pool) and in a task of its own, so batches never wait for it. A failed
-    audit is logged and tried again at the next interval."""
+    audit is logged and tried again at the next interval. The first runs at start, so that the gauges
+    exist from then on."""
     while settings.audit_interval_s and not stop.is_set():
-        try:
-            await asyncio.wait_for(stop.wait(), settings.audit_interval_s)
-            return
-        except TimeoutError:
-            pass
         try:
             async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
                 _, report = await audit_pipeline(conn, settings)
+            counts = {kind.value: n for kind, n in report.counts().items()}
+            metrics.record_audit(counts, report.seconds, time.time())
+            log.info("audit", **counts, settled=report.settled, seconds=round(report.seconds, 1))
         except (psycopg.Error, OSError) as exc:
             log.warning("audit failed; trying again at the next interval", error=str(exc))
-            continue
-        counts = {kind.value: n for kind, n in report.counts().items()}
-        metrics.record_audit(counts, report.seconds, time.time())
-        log.info("audit", **counts, settled=report.settled, seconds=round(report.seconds, 1))
+        with contextlib.suppress(TimeoutError):  # the interval passed without a stop
+            await asyncio.wait_for(stop.wait(), settings.audit_interval_s)
