@@ -107,7 +107,7 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     async def audit() -> int:
         async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
             cur = await conn.execute(
-                "SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                "SELECT nullif(greatest(reltuples, 0), 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
                 (settings.source_table,),
             )
             estimate = await cur.fetchone()  # an estimate: counting would read the whole table

@@ -113,3 +113,37 @@ def test_a_repairs_key_condition_selects_ranges_of_keys_and_fits_the_signal() ->
     assert key_filter(None, composite, [("a'b", "7")]) == (
         "((\"tenant\", \"n\") BETWEEN ('a''b'::text, '7'::bigint) AND ('a''b'::text, '7'::bigint))"
     )
+
+
+def test_the_consumers_audit_exports_gauges_at_start_and_stops_with_the_consumer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from consumer import metrics
+    from consumer.ops import audit as module
+    from consumer.settings import Settings
+
+    class Connection:
+        async def __aenter__(self) -> Connection:
+            return self
+
+        async def __aexit__(self, *_: object) -> None:
+            return None
+
+    async def connect(*_: object, **__: object) -> Connection:
+        return Connection()
+
+    async def audited(*_: object) -> tuple[AuditTarget, AuditReport]:
+        stop.set()  # one audit, then the consumer stops
+        return TARGET, AuditReport([Finding(("9",), Drift.ORPHANED, None)], seconds=1.5)
+
+    monkeypatch.setattr(module.psycopg.AsyncConnection, "connect", connect)
+    monkeypatch.setattr(module, "audit_pipeline", audited)
+    stop = asyncio.Event()
+    asyncio.run(module.audit_periodically(Settings(audit_interval_s=3600), stop))
+    assert metrics.DRIFT_ROWS.labels("orphaned")._value.get() == 1
+    assert metrics.DRIFT_ROWS.labels("missing")._value.get() == 0
+    assert metrics.AUDIT_SECONDS._value.get() == 1.5
+    assert metrics.AUDIT_TIMESTAMP._value.get() > 0
+
+    never = asyncio.Event()
+    asyncio.run(module.audit_periodically(Settings(audit_interval_s=0), never))  # 0: no audit, returns
