@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from consumer.events import source_row_text
-from consumer.ops.audit import AuditReport, AuditTarget, Drift, Finding, VectorRow, audit, classify
+from consumer.ops.audit import Auditor, AuditReport, AuditTarget, Drift, Finding, VectorRow, audit, classify
 from consumer.ops.repair import FILTER_CHARS, key_filter
 from consumer.schema import TableInfo
 from consumer.sink import text_hash
@@ -83,19 +83,61 @@ def test_the_report_counts_every_kind_and_samples_keys() -> None:
     ]
 
 
-def test_no_drift_means_no_settle_delay() -> None:
-    class Empty:
-        async def execute(self, *_: object) -> Empty:
-            return self
+class Scripted:
+    """A connection answering each query with the next scripted rows."""
 
-        async def fetchall(self) -> list[tuple[object, ...]]:
-            return []
+    def __init__(self, *answers: list[tuple[object, ...]]) -> None:
+        self.answers = list(answers)
+
+    async def execute(self, *_: object) -> Scripted:
+        return self
+
+    async def fetchall(self) -> list[tuple[object, ...]]:
+        return self.answers.pop(0)
+
+
+def stored(text: str) -> tuple[object, ...]:
+    return (text_hash(MODEL, text), MODEL, False, True, 7)
+
+
+def test_drift_that_resolves_within_the_settle_delay_is_in_flight_not_drift() -> None:
+    slept: list[float] = []
+
+    async def sleep(s: float) -> None:
+        slept.append(s)
+
+    conn = Scripted(
+        [("1", "A title", " a body "), ("2", "new", "text")],  # the source's only range
+        [("1", *stored(TEXT))],  # its vectors: row 2's event is not applied yet
+        [("2", "new", "text")],  # after the delay: row 2 again ...
+        [("2", *stored("new\n\ntext"))],  # ... and its vector, now there
+    )
+    report = asyncio.run(audit(conn, TARGET, 100, settle_s=10, sleep=sleep))  # type: ignore[arg-type]
+    assert slept == [10] and report.findings == [] and report.settled == 1 and report.source_rows == 2
+
+
+def test_drift_that_stays_is_reported_and_no_drift_means_no_delay() -> None:
+    async def sleep(_: float) -> None:
+        return None
+
+    conn = Scripted(
+        [("1", "A title", "x")], [("1", *stored(TEXT))], [("1", "A title", "x")], [("1", *stored(TEXT))]
+    )
+    report = asyncio.run(audit(conn, TARGET, 100, settle_s=10, sleep=sleep))  # type: ignore[arg-type]
+    assert [(f.key, f.kind) for f in report.findings] == [(("1",), Drift.STALE)] and report.settled == 0
 
     async def never(_: float) -> None:
         raise AssertionError("slept without drift")
 
-    report = asyncio.run(audit(Empty(), TARGET, 100, settle_s=10, sleep=never))  # type: ignore[arg-type]
+    report = asyncio.run(audit(Scripted([], []), TARGET, 100, settle_s=10, sleep=never))  # type: ignore[arg-type]
     assert report.findings == [] and report.source_rows == 0
+
+
+def test_ranges_follow_each_other_until_a_short_one() -> None:
+    seen: list[int] = []
+    conn = Scripted([("1", "a", ""), ("2", "b", "")], [], [("3", "c", "")], [])
+    report = asyncio.run(Auditor(conn, TARGET).scan(2, seen.append))  # type: ignore[arg-type]
+    assert seen == [2, 1] and report.counts()[Drift.MISSING] == 3
 
 
 def test_a_repairs_key_condition_selects_ranges_of_keys_and_fits_the_signal() -> None:
