@@ -1,6 +1,6 @@
 """`cdc-embedder audit [--repair]` on the real stack: drift injected by hand is found with exact counts
 and sample keys, `--repair` removes it through the consumer, and the consumer's periodic audit exports
-it as gauges. For a bigint key and a two-column (text, bigint) key."""
+it as gauges. For a bigint, a uuid and a two-column (text, bigint) key."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.harness import check_consistency, cli, wait_consistent
 from tests.key_types import KEY_TYPES
 
 pytestmark = pytest.mark.integration
-NAMES = ("bigint", "composite")
+NAMES = ("bigint", "uuid", "composite")
 
 
 @pytest.fixture(scope="module")
