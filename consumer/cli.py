@@ -1,4 +1,5 @@
-"""`cdc-embedder`: run the consumer, manage the local stack and the connector, search, replay, demo."""
+"""`cdc-embedder`: run the consumer, manage the local stack and the connector, search, replay, backfill,
+audit, demo."""
 
 from __future__ import annotations
 
@@ -144,6 +145,38 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from consumer.ops.audit import audit_pipeline
+    from consumer.ops.repair import repair
+    from consumer.spec import pipeline_settings
+
+    settings = pipeline_settings(settings, args.pipeline)
+
+    async def audit() -> int:
+        async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT nullif(greatest(reltuples, 0), 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
+                (settings.source_table,),
+            )
+            estimate = await cur.fetchone()  # an estimate: counting would read the whole table
+            with tqdm(
+                total=estimate[0] if estimate else None, unit="rows", desc="source rows audited"
+            ) as bar:
+                target, report = await audit_pipeline(conn, settings, bar.update)
+            for line in report.describe(args.sample):
+                say(line)
+            if not report.findings:
+                return 0
+            if not args.repair:
+                return DRIFT_EXIT
+            say((await repair(conn, settings, target, report)).describe())
+            return 0
+
+    return asyncio.run(audit())
+
+
 def _cmd_demo(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.demo import run_demo
 
@@ -156,6 +189,9 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     # Options left out keep BenchArgs' defaults, the one place they are written.
     given = {f.name: getattr(args, f.name) for f in fields(BenchArgs) if hasattr(args, f.name)}
     return run_bench(BenchArgs(**given), say)
+
+
+DRIFT_EXIT = 3  # `audit` found drift and was not asked to repair it
 
 
 def _ms(value: str | None) -> int | None:
@@ -196,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.add_argument("--to", default=None, help="with switch: the pipeline the view is to read")
     migrate.add_argument("--force", action="store_true", help="with switch: even if vectors are missing")
     migrate.add_argument("--sample-s", type=float, default=5.0, help="with status: seconds between samples")
+    audit = commands.add_parser(
+        "audit", help="compare the source table with the vector table; --repair fixes the drift found"
+    )
+    audit.add_argument("pipeline", nargs="?", default=None, help="which (needed when there are several)")
+    audit.add_argument("--repair", action="store_true", help="snapshot missing/stale keys, tombstone orphans")
+    audit.add_argument("--sample", type=int, default=10, help="keys shown per kind of drift")
     demo = commands.add_parser("demo", help="stack up, connector, sample rows, consumer, then a search")
     demo.add_argument("--file", type=Path, default=None, help="JSONL of {id, title, body} rows to load")
     bench = commands.add_parser(
@@ -223,6 +265,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "replay-dlq": _cmd_replay,
     "backfill": _cmd_backfill,
     "migrate": _cmd_migrate,
+    "audit": _cmd_audit,
     "demo": _cmd_demo,
     "bench": _cmd_bench,
 }

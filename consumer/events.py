@@ -6,6 +6,7 @@ its reason while the rest of its batch goes on.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -162,6 +163,15 @@ def join_text(row: dict[str, Any], text_columns: tuple[str, ...], template: str 
     if template is not None:
         return template.format_map(values).strip()
     return TEXT_SEPARATOR.join(v.strip() for v in values.values() if v.strip())
+
+
+def source_row_text(values: Sequence[Any], text_columns: tuple[str, ...], template: str | None = None) -> str:
+    """The text of a row read from the source table, its text columns' values in order.
+
+    The one place that turns a source row into text, for the sink's TOAST look-ups and the audit alike,
+    so that both hash exactly what a change event of the row would have.
+    """
+    return join_text(dict(zip(text_columns, values, strict=True)), text_columns, template) or ""
 
 
 def decode(

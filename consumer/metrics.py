@@ -115,3 +115,22 @@ def record_model_info(pipeline: str, name: str, dimension: int, dtype: str) -> N
 
 def count_event(pipeline: str, op: str, outcome: str, n: int = 1) -> None:
     EVENTS.labels(pipeline=pipeline, op=op, outcome=outcome).inc(n)
+
+
+# The audit the consumer runs every CDC_AUDIT_INTERVAL_S (consumer/ops/audit.py), per kind of drift.
+DRIFT_ROWS = Gauge(
+    f"{PREFIX}_drift_rows",
+    "Rows drifting between source and vector table, last audit.",
+    ["pipeline", "kind"],
+)
+AUDIT_TIMESTAMP = Gauge(
+    f"{PREFIX}_audit_last_timestamp_seconds", "When the last audit finished (Unix time).", ["pipeline"]
+)
+AUDIT_SECONDS = Gauge(f"{PREFIX}_audit_duration_seconds", "How long the last audit took.", ["pipeline"])
+
+
+def record_audit(pipeline: str, counts: dict[str, int], seconds: float, finished_at: float) -> None:
+    for kind, n in counts.items():
+        DRIFT_ROWS.labels(pipeline=pipeline, kind=kind).set(n)
+    AUDIT_SECONDS.labels(pipeline=pipeline).set(seconds)
+    AUDIT_TIMESTAMP.labels(pipeline=pipeline).set(finished_at)

@@ -31,6 +31,7 @@ from consumer.kafka import (
     wait_for_topic,
 )
 from consumer.logs import get_logger
+from consumer.ops.audit import audit_periodically
 from consumer.ops.migrate import export_served_by
 from consumer.pipeline import BatchProcessor
 from consumer.producer import TransactionalProducer
@@ -83,10 +84,15 @@ async def run_service(
             watcher = asyncio.create_task(export_served_by(pool, specs), name="search views")
             # Started: the startup probe must not restart a pod that waits for Debezium's topic.
             health.started = health.database_ok = True
-            if await _prepare_topics(
-                settings, list(dict.fromkeys(p.settings.source_topic for p in pipelines)), stop
-            ):
-                await _consume(settings, pipelines, health, executor, stop)
+            audits = asyncio.create_task(audit_periodically(views, stop), name="audit")
+            try:
+                if await _prepare_topics(
+                    settings, list(dict.fromkeys(p.settings.source_topic for p in pipelines)), stop
+                ):
+                    await _consume(settings, pipelines, health, executor, stop)
+            finally:
+                audits.cancel()
+                await asyncio.gather(audits, return_exceptions=True)
         finally:
             if watcher is not None:
                 watcher.cancel()

@@ -149,6 +149,15 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=20.0, gt=0)
     liveness_stall_s: float = Field(default=30.0, gt=0)
 
+    # --- Audit (consumer/ops/audit.py) -----------------------------------------------------------
+    audit_interval_s: float = Field(
+        default=3600.0, ge=0, description="The consumer audits the vector table this often; 0: never."
+    )
+    audit_settle_s: float = Field(
+        default=10.0, ge=0, description="Drifting keys are read again after this long (changes in flight)."
+    )
+    audit_range_rows: int = Field(default=2000, ge=1, description="Source keys read per range.")
+
     # --- Embedded local stack (`cdc-embedder stack`) --------------------------------------------
     stack_dir: Path = Path(".stack")
     stack_pg_port: int = 54329

@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
 from consumer.errors import EventError
-from consumer.events import Key, join_text, supersedes
+from consumer.events import Key, source_row_text, supersedes
 from consumer.schema import TableInfo
 from consumer.settings import Settings
 from consumer.targets import state_table, target_name
@@ -36,6 +36,15 @@ from consumer.targets import state_table, target_name
 def text_hash(model: str, text: str) -> bytes:
     """Hash of what determines a vector: the model and the exact text."""
     return hashlib.sha256(model.encode() + b"\0" + text.encode()).digest()
+
+
+def target_lock(target: str, exclusive: bool = False) -> sql.Composed:
+    """The advisory lock of one vector table: writes (and the audit's repairs) share it, a TRUNCATE takes
+    it alone, so that no write reads the old truncate floor while the table is emptied."""
+    kind = sql.SQL("" if exclusive else "_shared")
+    return sql.SQL("SELECT pg_advisory_xact_lock{}(hashtextextended({}, 0))").format(
+        kind, sql.Literal(target)
+    )
 
 
 def source_time(ts_ms: int | None) -> datetime | None:
@@ -175,9 +184,7 @@ class PgVectorSink:
             for row in await cur.fetchall():
                 key, values = tuple(row[: self._arity]), row[self._arity :]
                 try:
-                    found[key] = (
-                        join_text(dict(zip(columns, values, strict=True)), columns, self._template) or ""
-                    )
+                    found[key] = source_row_text(values, columns, self._template)
                 except EventError as exc:
                     found[key] = exc
             return found
@@ -209,13 +216,13 @@ class PgVectorSink:
         async with self._pool.connection() as conn, conn.transaction():
             if batch.truncate_at is not None:
                 # exclusive: no write of this table may read the old floor while the table is emptied
-                await conn.execute(self._sql.lock_exclusive, {"target": self._target})
+                await conn.execute(target_lock(self._target, exclusive=True))
                 cur = await conn.execute(
                     self._sql.truncate, {"target": self._target, "at": batch.truncate_at}
                 )
                 truncated = cur.rowcount
             else:
-                await conn.execute(self._sql.lock_shared, {"target": self._target})
+                await conn.execute(target_lock(self._target))
             cur = await conn.execute(self._sql.write, params)
             landed = frozenset(tuple(row) for row in await cur.fetchall())
         return WriteResult(landed, truncated)
@@ -254,9 +261,6 @@ class _Statements:
             return sql.SQL(", ").join(sql.SQL("{}.{}::text").format(sql.Identifier(table), c) for c in names)
 
         floor = sql.SQL("(SELECT truncated_lsn FROM {} WHERE vector_table = %(target)s)").format(state)
-        lock = "SELECT pg_advisory_xact_lock{}(hashtextextended(%(target)s, 0))"
-        self.lock_shared = sql.SQL(lock.format("_shared"))
-        self.lock_exclusive = sql.SQL(lock.format(""))
         self.truncate = sql.SQL(
             """
             WITH floor AS (

@@ -17,15 +17,13 @@ from typing import Any
 import psycopg
 from aiokafka import AIOKafkaProducer
 from aiokafka.admin import NewTopic
-from psycopg import sql
 
 from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.embedder import packaged_stand_in_model
-from consumer.events import join_text
 from consumer.kafka import admin_client
-from consumer.schema import PRIMARY_KEY_SQL
+from consumer.ops.audit import Auditor, AuditReport, AuditTarget, Drift, audit
+from consumer.schema import source_key
 from consumer.settings import Settings
-from consumer.sink import text_hash
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus" / "debian-descriptions.jsonl"
@@ -86,8 +84,8 @@ def insert_rows(conn: psycopg.Connection[Any], rows: list[dict[str, Any]]) -> No
 @dataclass
 class Consistency:
     missing: list[Any]  # live source rows with text but no vector
-    stale: list[Any]  # vectors not made from the row's current text (or of a row with no text to embed)
-    orphaned: list[Any]  # vectors of rows that no longer exist
+    stale: list[Any]  # vectors not made from the row's current text, or of another model
+    orphaned: list[Any]  # vector-table rows (not tombstones) of rows that no longer exist
     live: int
 
     @property
@@ -100,71 +98,26 @@ def as_key(key: Any) -> tuple[str, ...]:
     return tuple(str(part) for part in key) if isinstance(key, tuple) else (str(key),)
 
 
-def primary_key(conn: psycopg.Connection[Any], schema: str, table: str) -> list[str]:
-    return [row[0] for row in conn.execute(PRIMARY_KEY_SQL, (schema, table))]
+def check_consistency(settings: Settings, ids: Iterable[Any] | None = None) -> Consistency:
+    """The product's own audit (consumer/ops/audit.py) of the given rows (all: None), without a settle
+    delay: every source row with text has exactly one vector, of its current text and the configured
+    model; rows whose text is empty, NULL, whitespace or over CDC_MAX_TEXT_CHARS, and deleted ones, none."""
 
+    async def run() -> AuditReport:
+        async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
+            target = AuditTarget.from_settings(settings, await source_key(conn, settings))
+            if ids is None:
+                return await audit(conn, target, settings.audit_range_rows, settle_s=0)
+            return await Auditor(conn, target).of_keys([as_key(i) for i in ids], settings.audit_range_rows)
 
-def check_consistency(
-    conn: psycopg.Connection[Any], settings: Settings, ids: Iterable[Any] | None = None
-) -> Consistency:
-    """Every source row with text has exactly one vector, of its current text; no other row has one.
-
-    Rows whose text is empty, NULL, whitespace or over CDC_MAX_TEXT_CHARS must have no vector.
-    """
-    columns = primary_key(conn, *settings.source)
-    text_keys = sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(c)) for c in columns)
-    wanted = None if ids is None else [as_key(i) for i in ids]
-    where = sql.SQL("")
-    params: tuple[Any, ...] = ()
-    if wanted is not None:
-        where = sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(
-            text_keys, sql.SQL(", ").join(sql.SQL("%s::text[]") * len(columns))
-        )
-        params = tuple(list(parts) for parts in zip(*wanted, strict=True)) if wanted else ([],) * len(columns)
-    n = len(columns)
-    source = {
-        tuple(row[:n]): row[n:]
-        for row in conn.execute(
-            sql.SQL("SELECT {}, {} FROM {} {}").format(
-                text_keys,
-                sql.SQL(", ").join(map(sql.Identifier, settings.text_column_list)),
-                sql.Identifier(*settings.source),
-                sql.SQL("WHERE ") + where if wanted is not None else where,
-            ),
-            params,
-        )
-    }
-    vectors = {
-        tuple(row[:n]): bytes(row[n])
-        for row in conn.execute(
-            sql.SQL("SELECT {}, text_sha256 FROM {} WHERE embedding IS NOT NULL {}").format(
-                text_keys,
-                sql.Identifier(*settings.target),
-                sql.SQL("AND ") + where if wanted is not None else where,
-            ),
-            params,
-        )
-    }
-    missing, stale, live = [], [], 0
-    for key, values in source.items():
-        text = join_text(
-            dict(zip(settings.text_column_list, values, strict=True)),
-            settings.text_column_list,
-            settings.text_template,
-        )
-        stored = vectors.get(key)
-        if not text or len(text) > settings.max_text_chars:
-            if stored is not None:
-                stale.append(key)  # a vector of text the row no longer has
-            continue
-        live += 1
-        if stored is None:
-            missing.append(key)
-        elif stored != text_hash(settings.model, text):
-            stale.append(key)
-    orphaned = [key for key in vectors if key not in source]
-    conn.commit()
-    return Consistency(missing, stale, orphaned, live)
+    report = asyncio.run(run())
+    keys = {kind: [f.key for f in report.of(kind)] for kind in Drift}
+    return Consistency(
+        keys[Drift.MISSING],
+        keys[Drift.STALE] + keys[Drift.WRONG_MODEL],
+        keys[Drift.ORPHANED],
+        report.embeddable_rows,
+    )
 
 
 def wait_consistent(
@@ -173,7 +126,8 @@ def wait_consistent(
     last: list[Consistency] = []
 
     def check() -> bool:
-        last[:] = [check_consistency(conn, settings, iter(ids))]
+        conn.commit()  # the caller's open transaction must not hold back what it then reads
+        last[:] = [check_consistency(settings, ids)]
         return last[0].ok
 
     try:

@@ -18,7 +18,18 @@ def parser() -> argparse.ArgumentParser:
     return cli.build_parser()
 
 
-DOCUMENTED = ["run", "stack", "connector", "search", "replay-dlq", "backfill", "migrate", "demo", "bench"]
+DOCUMENTED = [
+    "run",
+    "stack",
+    "connector",
+    "search",
+    "replay-dlq",
+    "backfill",
+    "migrate",
+    "audit",
+    "demo",
+    "bench",
+]
 
 
 def subcommands(parser: argparse.ArgumentParser) -> list[str]:
@@ -35,6 +46,8 @@ def test_the_documented_commands_exist_and_dispatch(parser: argparse.ArgumentPar
     ("argv", "expected"),
     [
         (["run"], {"command": "run"}),
+        (["audit"], {"command": "audit", "repair": False, "sample": 10}),
+        (["audit", "--repair", "--sample", "3"], {"command": "audit", "repair": True, "sample": 3}),
         (["stack", "up"], {"command": "stack", "action": "up", "purge": False}),
         (["stack", "down", "--purge"], {"command": "stack", "action": "down", "purge": True}),
         (["stack", "status"], {"command": "stack", "action": "status"}),

@@ -154,7 +154,15 @@ def test_kustomization_includes_every_manifest() -> None:
 
 def test_renders_the_expected_objects(rendered: list[dict[str, Any]]) -> None:
     kinds = sorted(d["kind"] for d in rendered)
-    expected = ["ConfigMap", "ConfigMap", "Deployment", "Namespace", "PodDisruptionBudget", "Service"]
+    expected = [
+        "ConfigMap",
+        "ConfigMap",
+        "CronJob",
+        "Deployment",
+        "Namespace",
+        "PodDisruptionBudget",
+        "Service",
+    ]
     expected += ["ServiceAccount", *CUSTOM_KINDS, "KafkaTopic"]  # retry and dead letters
     assert kinds == sorted(expected)
     assert all(d["metadata"].get("namespace") == "cdc-embedder" for d in rendered if d["kind"] != "Namespace")
@@ -168,7 +176,7 @@ def test_builtin_kinds_validate_strictly(rendered: list[dict[str, Any]], version
             continue
         kubernetes_validate.validate(doc, version, strict=True)
         checked += 1
-    assert checked == 7
+    assert checked == 8
 
 
 def test_validator_catches_a_broken_deployment(rendered: list[dict[str, Any]]) -> None:
@@ -250,6 +258,19 @@ def test_runs_non_root_with_read_only_root(rendered: list[dict[str, Any]]) -> No
     volume = next(v for v in pod["volumes"] if v["name"] == tmp[0]["name"])
     assert "emptyDir" in volume
     assert pod["automountServiceAccountToken"] is False
+
+
+def test_audit_cronjob_repairs_with_the_consumers_image_and_settings(rendered: list[dict[str, Any]]) -> None:
+    cron = _one(rendered, "CronJob", "cdc-embedder-audit")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid"
+    pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    consumer = _container(_one(rendered, "Deployment"))
+    assert container["args"] == ["audit", "--repair"]
+    assert container["image"] == consumer["image"]
+    assert container["envFrom"] == consumer["envFrom"]
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
 
 
 def test_image_is_pinned(rendered: list[dict[str, Any]]) -> None:
