@@ -58,9 +58,9 @@ def _cmd_connector(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.demo import print_search
-    from consumer.embedder import SentenceTransformerEmbedder
+    from consumer.embedders import build_embedder
 
-    asyncio.run(print_search(settings, SentenceTransformerEmbedder(settings), args.query, args.k, say))
+    asyncio.run(print_search(settings, build_embedder(settings), args.query, args.k, say))
     return 0
 
 

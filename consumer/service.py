@@ -19,7 +19,8 @@ from aiokafka.errors import KafkaError
 
 from consumer import metrics
 from consumer.app import EmbeddingConsumer
-from consumer.embedder import Embedder, SentenceTransformerEmbedder
+from consumer.embedders import build_embedder
+from consumer.embedders.base import Embedder
 from consumer.health import HealthState, heartbeat, serve
 from consumer.kafka import (
     KafkaPublisher,
@@ -41,7 +42,7 @@ log = get_logger("cdc_embedder.service")
 
 
 async def run_service(
-    settings: Settings, embedder_factory: Callable[[Settings], Embedder] = SentenceTransformerEmbedder
+    settings: Settings, embedder_factory: Callable[[Settings], Embedder] = build_embedder
 ) -> int:
     """Run until SIGTERM; `embedder_factory` is the seam fault-injection tests wrap."""
     health = HealthState(stall_after_s=settings.liveness_stall_s)
@@ -54,7 +55,8 @@ async def run_service(
         loop.add_signal_handler(sig, stop.set)
     log.info(
         "starting",
-        model=settings.model,
+        embedder=settings.embedder,
+        model=settings.openai_model if settings.embedder == "openai" else settings.model,
         database=settings.redacted_dsn(),
         kafka=settings.bootstrap_servers,
         topic=settings.source_topic,

@@ -20,7 +20,7 @@ from aiokafka.admin import NewTopic
 from psycopg import sql
 
 from consumer.consumer_process import ConsumerProcess, wait_until
-from consumer.embedder import packaged_stand_in_model
+from consumer.embedders.local import packaged_stand_in_model
 from consumer.events import join_text
 from consumer.kafka import admin_client
 from consumer.schema import PRIMARY_KEY_SQL
