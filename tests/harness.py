@@ -105,9 +105,11 @@ def primary_key(conn: psycopg.Connection[Any], schema: str, table: str) -> list[
 
 
 def check_consistency(
-    conn: psycopg.Connection[Any], settings: Settings, ids: Iterable[Any] | None = None
+    conn: psycopg.Connection[Any], settings: Settings, ids: Iterable[Any] | None = None, model: str = ""
 ) -> Consistency:
     """Every source row with text has exactly one vector, of its current text; no other row has one.
+
+    `model` is the embedder's identity (its text hashes); unset: CDC_MODEL's, as the local backend's.
 
     Rows whose text is empty, NULL, whitespace or over CDC_MAX_TEXT_CHARS must have no vector.
     """
@@ -156,7 +158,7 @@ def check_consistency(
         live += 1
         if stored is None:
             missing.append(key)
-        elif stored != text_hash(settings.model, text):
+        elif stored != text_hash(model or settings.model, text):
             stale.append(key)
     orphaned = [key for key in vectors if key not in source]
     conn.commit()
@@ -164,12 +166,16 @@ def check_consistency(
 
 
 def wait_consistent(
-    conn: psycopg.Connection[Any], settings: Settings, ids: Sequence[Any], timeout_s: float = 300
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    ids: Sequence[Any],
+    timeout_s: float = 300,
+    model: str = "",
 ) -> Consistency:
     last: list[Consistency] = []
 
     def check() -> bool:
-        last[:] = [check_consistency(conn, settings, iter(ids))]
+        last[:] = [check_consistency(conn, settings, iter(ids), model)]
         return last[0].ok
 
     try:

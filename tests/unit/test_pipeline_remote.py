@@ -70,7 +70,7 @@ async def test_a_rate_limit_longer_than_a_batch_can_wait_holds_the_batch() -> No
 
 async def test_transient_errors_are_retried_in_place_then_go_to_the_retry_topic() -> None:
     flaky = Scripted([TransientEmbedError("503 busy")])
-    processor, sink, publisher = build(flaky)
+    processor, _, publisher = build(flaky)
     report = await processor.process([Topic().create(1, 100, "a")])
     assert report.outcomes["embedded"] == 1 and publisher.sent == []
 
