@@ -45,7 +45,7 @@ def test_the_server_gives_the_local_models_vectors_over_several_concurrent_reque
     remote = OpenAIEmbedder(spec(infinity, settings, max_inputs_per_request=5, concurrency=3))
     try:
         assert remote.dimension == DIMENSION  # probed: no CDC_OPENAI_DIMENSIONS given
-        sample = texts(24, skip=60_000)
+        sample = texts(24, skip=56_000)
         got = remote.embed(sample)
     finally:
         remote.close()
@@ -91,7 +91,7 @@ def test_the_consumer_embeds_through_the_server_end_to_end(
 ) -> None:
     remote_env = openai_env(env, infinity, API_KEY, "embeddings_openai")
     remote_settings = Settings.from_env_map(remote_env)
-    rows = corpus_rows(40, skip=61_000, id_base=7_100_000)
+    rows = corpus_rows(40, skip=57_000, id_base=7_100_000)
     consumer = ConsumerProcess(remote_env, logs_dir / "openai.log").start().wait_ready()
     try:
         insert_rows(db, rows)
@@ -127,7 +127,7 @@ def test_a_wrong_key_makes_the_consumer_not_ready_and_dead_letters_nothing(
     )
     consumer.start()
     try:
-        insert_rows(db, corpus_rows(3, skip=61_100, id_base=7_200_000))
+        insert_rows(db, corpus_rows(3, skip=57_100, id_base=7_200_000))
         wait_until(lambda: "CDC_OPENAI_API_KEY" in consumer.log_file.read_text(), 180, "the fix to be logged")
         assert consumer.probe(READINESS_PATH) == 503
         assert consumer.metric_sum("cdc_embedder_dead_letters_total") == 0
