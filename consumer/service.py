@@ -76,7 +76,7 @@ async def run_service(
             # Started: the startup probe must not restart a pod that waits for Debezium's topic.
             health.started = health.database_ok = True
             if await _prepare_topics(settings, stop):
-                sink = PgVectorSink(pool, settings, info)
+                sink = PgVectorSink(pool, settings, info, embedder.name)
                 await _consume(settings, embedder, sink, health, executor, stop, info.key_columns)
         finally:
             await pool.close()
