@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # another checkout may point at its own install
 INFINITY_BIN = Path(os.environ.get("CDC_TEST_INFINITY_BIN", ROOT / ".venv-infinity" / "bin" / "infinity_emb"))
 API_KEY = "test-key-for-infinity"
+DIMENSION = 384  # the stand-in's
 
 
 @dataclass
@@ -59,3 +60,18 @@ class InfinityServer:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def openai_env(env: dict[str, str], base_url: str, key: str, name: str) -> dict[str, str]:
+    """The stack's consumer settings with the openai backend, a vector table and group of its own."""
+    return {
+        **env,
+        "CDC_EMBEDDER": "openai",
+        "CDC_OPENAI_MODEL": env["CDC_MODEL"],
+        "CDC_OPENAI_BASE_URL": base_url,
+        "CDC_OPENAI_API_KEY": key,
+        "CDC_OPENAI_DIMENSIONS": str(DIMENSION),
+        "CDC_OPENAI_MAX_INPUTS_PER_REQUEST": "16",
+        "CDC_VECTOR_TABLE": f"public.{name}",
+        "CDC_CONSUMER_GROUP": name,
+    }

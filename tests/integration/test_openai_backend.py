@@ -19,10 +19,9 @@ from consumer.events import join_text
 from consumer.settings import Settings
 from consumer.stack import LocalStack
 from tests.harness import corpus_rows, insert_rows, wait_consistent
-from tests.infinity import API_KEY, InfinityServer
+from tests.infinity import API_KEY, DIMENSION, InfinityServer, openai_env
 
 pytestmark = pytest.mark.integration
-DIMENSION = 384  # the stand-in's
 
 
 def spec(infinity: InfinityServer, settings: Settings, **overrides: Any) -> OpenAIEmbedderSpec:
@@ -66,21 +65,6 @@ def test_a_wrong_key_is_an_operator_error_naming_the_setting(
     assert "401" in str(caught.value) and "CDC_OPENAI_API_KEY" in caught.value.fix
 
 
-def openai_env(env: dict[str, str], infinity: InfinityServer, key: str, name: str) -> dict[str, str]:
-    """The stack's consumer settings with the openai backend, a vector table and group of its own."""
-    return {
-        **env,
-        "CDC_EMBEDDER": "openai",
-        "CDC_OPENAI_MODEL": env["CDC_MODEL"],
-        "CDC_OPENAI_BASE_URL": infinity.base_url,
-        "CDC_OPENAI_API_KEY": key,
-        "CDC_OPENAI_DIMENSIONS": str(DIMENSION),
-        "CDC_OPENAI_MAX_INPUTS_PER_REQUEST": "16",
-        "CDC_VECTOR_TABLE": f"public.{name}",
-        "CDC_CONSUMER_GROUP": name,
-    }
-
-
 def test_the_consumer_embeds_through_the_server_end_to_end(
     stack: LocalStack,
     env: dict[str, str],
@@ -89,7 +73,7 @@ def test_the_consumer_embeds_through_the_server_end_to_end(
     logs_dir: Path,
     local: SentenceTransformerEmbedder,
 ) -> None:
-    remote_env = openai_env(env, infinity, API_KEY, "embeddings_openai")
+    remote_env = openai_env(env, infinity.base_url, API_KEY, "embeddings_openai")
     remote_settings = Settings.from_env_map(remote_env)
     rows = corpus_rows(40, skip=57_000, id_base=7_100_000)
     consumer = ConsumerProcess(remote_env, logs_dir / "openai.log").start().wait_ready()
@@ -123,7 +107,7 @@ def test_a_wrong_key_makes_the_consumer_not_ready_and_dead_letters_nothing(
     logs_dir: Path,
 ) -> None:
     consumer = ConsumerProcess(
-        openai_env(env, infinity, "expired", "embeddings_wrong_key"), logs_dir / "key.log"
+        openai_env(env, infinity.base_url, "expired", "embeddings_wrong_key"), logs_dir / "key.log"
     )
     consumer.start()
     try:
