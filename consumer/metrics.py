@@ -58,6 +58,23 @@ TOKENS_EMBEDDED = Counter(
 TEXTS_TRUNCATED = Counter(
     f"{PREFIX}_texts_truncated", "Texts longer than the model window, truncated.", ["pipeline"]
 )
+# the openai backend (consumer/embedders/openai.py): one request is one POST /embeddings
+EMBED_REQUESTS = Counter(
+    f"{PREFIX}_embed_requests",
+    "Requests to the embedding server, by HTTP status ('error': none).",
+    ["status"],
+)
+EMBED_REQUEST_SECONDS = Histogram(
+    f"{PREFIX}_embed_request_seconds",
+    "Duration of one request to the embedding server.",
+    buckets=_SECONDS_BUCKETS,
+)
+EMBED_IN_FLIGHT = Gauge(f"{PREFIX}_embed_requests_in_flight", "Requests to the embedding server in flight.")
+EMBED_RATE_LIMITED = Counter(f"{PREFIX}_embed_rate_limited", "429 answers of the embedding server.")
+BACKPRESSURE_SECONDS = Counter(
+    f"{PREFIX}_backpressure_seconds", "Time batches waited for the embedding server's rate limit to pass."
+)
+TOKENS_BILLED = Counter(f"{PREFIX}_tokens_billed", "Tokens the embedding server billed (its `usage`).")
 RETRIES = Counter(f"{PREFIX}_retries", "Records sent to the retry topic.", ["pipeline", "error_class"])
 DEAD_LETTERS = Counter(
     f"{PREFIX}_dead_letters", "Records sent to the dead-letter topic.", ["pipeline", "error_class"]

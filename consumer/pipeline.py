@@ -17,15 +17,27 @@ from typing import Protocol
 
 from consumer import metrics
 from consumer.batching import collapse
-from consumer.embedder import Embedder, Embedding, Vector
-from consumer.errors import ErrorClass, EventError, classify
+from consumer.embedders.base import Embedder, Embedding, Vector
+from consumer.errors import (
+    Backpressure,
+    EmbedderConfigError,
+    ErrorClass,
+    EventError,
+    TransientEmbedError,
+    classify,
+    describe,
+)
 from consumer.events import Change, Key, Op, Origin, decode, op_label
 from consumer.logs import get_logger
 from consumer.retry import Publisher, RetryPolicy, RetryState, Route
 from consumer.settings import Settings
 from consumer.sink import Kind, Sink, State, Write, WriteBatch, text_hash
+from consumer.standstill import backoff
 
 log = get_logger("cdc_embedder.pipeline")
+# Rate limiting waited out inside one batch, at most; well below aiokafka's max.poll.interval.ms (300 s).
+BACKPRESSURE_IN_PLACE_S = 60.0
+TRANSIENT_ATTEMPTS = 3  # calls of a failing embedding server per batch before its texts are retried
 
 
 class Record(Protocol):
@@ -307,25 +319,49 @@ class BatchProcessor:
     async def _embed_all(
         self, texts: list[str], report: BatchReport
     ) -> tuple[list[Vector | None], dict[int, tuple[ErrorClass, str]]]:
-        """Embed the batch; if it fails, embed text by text so that only the failing ones are retried.
+        """Embed the batch; returns a vector or an error (class, reason) per text.
 
-        A model call past CDC_MODEL_TIMEOUT_S fails the whole batch at once: its thread cannot be
-        stopped, so calling it again text by text would only queue behind it.
+        What a failure means comes from its type (consumer.errors), and only a failure of unknown kind
+        (a local model's exception) makes the batch go text by text so that only the failing ones are
+        retried: rate limits and transient errors of a server concern the request, not a text.
+        - Rejected inputs (the server's 400 for that input alone): only those are dead-lettered, with
+          the server's reason.
+        - `Backpressure` and `TransientEmbedError`: waited out in place, then the same texts are sent
+          again (`_embed_patiently`); a server that keeps failing sends the texts to the retry topic.
+        - `EmbedderConfigError` (key, model, dimension): raised; the batch is held uncommitted, not
+          ready, with the setting to fix logged, and nothing is dead-lettered.
+        - A model call past CDC_MODEL_TIMEOUT_S fails the whole batch at once: its thread cannot be
+          stopped, so calling it again text by text would only queue behind it.
+
+        None of this holds a Kafka transaction open: the batch's transaction is begun by the producer
+        on the client only, and the broker starts its timeout (transaction.timeout.ms) at the first
+        partition or offsets added to it, which `_route` and the offsets commit do after the vectors
+        are written. A wait here only delays that start.
         """
         started = time.perf_counter()
         results: list[Vector | None] = []
         errors: dict[int, tuple[ErrorClass, str]] = {}
         try:
-            embedding = await self._run_model(texts)
+            embedding = await self._embed_patiently(texts, report)
             results = list(embedding.vectors)
             self._account(embedding, report)
+            for index, reason in embedding.rejected.items():
+                results[index] = None
+                errors[index] = (ErrorClass.MODEL_REJECTED, reason)
         except TimeoutError as exc:
             results = [None] * len(texts)
             errors = dict.fromkeys(range(len(texts)), (ErrorClass.TIMEOUT, str(exc)))
+        except TransientEmbedError as exc:
+            results = [None] * len(texts)
+            errors = dict.fromkeys(range(len(texts)), (classify(exc), describe(exc)))
+        except (Backpressure, EmbedderConfigError):
+            raise
         except Exception:
             for index, text in enumerate(texts):
                 try:
                     single = await self._run_model([text])
+                except (Backpressure, EmbedderConfigError):
+                    raise
                 except Exception as exc:
                     results.append(None)
                     errors[index] = (classify(exc), f"{type(exc).__name__}: {exc}")
@@ -334,6 +370,36 @@ class BatchProcessor:
                 self._account(single, report)
         report.model_s += time.perf_counter() - started
         return results, errors
+
+    async def _embed_patiently(self, texts: list[str], report: BatchReport) -> Embedding:
+        """The model call, repeated for the same texts while the server rate-limits us (its retry-after)
+        or fails transiently (backoff, TRANSIENT_ATTEMPTS in all).
+
+        The waits are on the event loop, outside the model watchdog (a wait is not a stall). Past
+        BACKPRESSURE_IN_PLACE_S of rate limiting in one batch the `Backpressure` is raised: the consumer
+        then pauses every partition, keeps its group membership (a batch held longer would outlive
+        max.poll.interval.ms) and applies the batch again later.
+        """
+        waited = 0.0
+        delay = 0.0
+        failures = 0
+        while True:
+            try:
+                return await self._run_model(texts)
+            except Backpressure as exc:
+                if waited + exc.retry_after_s > BACKPRESSURE_IN_PLACE_S:
+                    raise
+                log.info("rate limited by the embedding server; waiting", wait_s=exc.retry_after_s)
+                metrics.BACKPRESSURE_SECONDS.inc(exc.retry_after_s)
+                waited += exc.retry_after_s
+                await asyncio.sleep(exc.retry_after_s)
+            except TransientEmbedError as exc:
+                failures += 1
+                if failures >= TRANSIENT_ATTEMPTS:
+                    raise
+                delay = backoff(delay, self._settings.db_retry_backoff_max_s)
+                log.warning("embedding server failed; retrying", cause=describe(exc), wait_s=delay)
+                await asyncio.sleep(delay)
 
     async def _run_model(self, texts: list[str]) -> Embedding:
         loop = asyncio.get_running_loop()
@@ -362,8 +428,9 @@ class BatchProcessor:
 
     @staticmethod
     def _account(embedding: Embedding, report: BatchReport) -> None:
-        report.embedded_texts += len(embedding.vectors)
-        metrics.TEXTS_EMBEDDED.labels(pipeline=report.pipeline).inc(len(embedding.vectors))
+        embedded = len(embedding.vectors) - len(embedding.rejected)
+        report.embedded_texts += embedded
+        metrics.TEXTS_EMBEDDED.labels(pipeline=report.pipeline).inc(embedded)
         metrics.TOKENS_EMBEDDED.labels(pipeline=report.pipeline).inc(embedding.tokens)
         metrics.TEXTS_TRUNCATED.labels(pipeline=report.pipeline).inc(embedding.truncated)
 

@@ -203,10 +203,14 @@ async def _check_existing(
     """
     vschema, vtable = settings.target
     if embedding != f"vector({dimension})":
+        model_setting = (
+            f"{env_name('openai_model')} (or {env_name('openai_dimensions')})"
+            if settings.embedder == "openai"
+            else env_name("model")
+        )
         raise SchemaError(
-            f"{settings.vector_table}.embedding is {embedding} but model {settings.model!r} gives "
-            f"vector({dimension}): set {env_name('vector_table')} to a new table or {env_name('model')} "
-            f"to a model of that dimension"
+            f"{settings.vector_table}.embedding is {embedding} but the embedder gives vector({dimension}): "
+            f"set {env_name('vector_table')} to a new table, or {model_setting} to a model of that dimension"
         )
     vector_key = await primary_key(conn, vschema, vtable)
     vector_types = [await _column_type(conn, vschema, vtable, c) for c in vector_key]

@@ -7,7 +7,7 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
-from consumer.embedder import Embedder
+from consumer.embedders.base import Embedder
 from consumer.schema import source_key
 from consumer.settings import Settings
 

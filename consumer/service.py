@@ -20,7 +20,8 @@ from aiokafka.errors import KafkaError
 
 from consumer import metrics
 from consumer.app import EmbeddingConsumer
-from consumer.embedder import Embedder, SentenceTransformerEmbedder
+from consumer.embedders import build_embedder
+from consumer.embedders.base import Embedder
 from consumer.health import HealthState, heartbeat, serve
 from consumer.kafka import (
     KafkaPublisher,
@@ -46,7 +47,7 @@ log = get_logger("cdc_embedder.service")
 
 
 async def run_service(
-    settings: Settings, embedder_factory: Callable[[Settings], Embedder] = SentenceTransformerEmbedder
+    settings: Settings, embedder_factory: Callable[[Settings], Embedder] = build_embedder
 ) -> int:
     """Run until SIGTERM; `embedder_factory` is the seam fault-injection tests wrap."""
     specs = load_pipelines(settings)
@@ -70,6 +71,13 @@ async def run_service(
     try:
         views = [spec.settings(settings) for spec in specs]
         embedders = await _load_embedders(views, embedder_factory, executor)
+        # what reads the vector table by settings (the audit) needs the identity the embedder learnt
+        views = [
+            Settings.model_validate({**v.model_dump(), "model": embedders[v.pipeline].name})
+            if v.model != embedders[v.pipeline].name
+            else v
+            for v in views
+        ]
         pool = open_pool(settings)
         await pool.open(wait=True, timeout=30)
         watcher: asyncio.Task[None] | None = None
@@ -80,7 +88,8 @@ async def run_service(
                 async with pool.connection() as conn:
                     info = await ensure_vector_table(conn, view, embedder.dimension)
                     await ensure_target_state(conn, view, embedder.name, embedder.dimension)
-                pipelines.append(_Pipeline(view, embedder, PgVectorSink(pool, view, info), info.key_columns))
+                sink = PgVectorSink(pool, view, info, embedder.name)
+                pipelines.append(_Pipeline(view, embedder, sink, info.key_columns))
             watcher = asyncio.create_task(export_served_by(pool, specs), name="search views")
             # Started: the startup probe must not restart a pod that waits for Debezium's topic.
             health.started = health.database_ok = True
@@ -121,7 +130,15 @@ async def _load_embedders(
     embedders: dict[str, Embedder] = {}
     loaded: dict[tuple[object, ...], Embedder] = {}
     for view in views:
-        how = (view.model, view.max_seq_length, view.embed_dtype, view.embed_token_budget)
+        how: tuple[object, ...] = (
+            view.embedder,
+            view.model,
+            view.max_seq_length,
+            view.embed_dtype,
+            view.embed_token_budget,
+        )
+        if view.embedder == "openai":
+            how += (view.openai_spec(),)
         if how not in loaded:
             loaded[how] = await loop.run_in_executor(executor, factory, view)
         embedder = embedders[view.pipeline] = loaded[how]

@@ -10,13 +10,16 @@ from __future__ import annotations
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from consumer.embedders.openai import OpenAIEmbedderSpec
 
 ENV_PREFIX = "CDC_"
 DEFAULT_MODEL = "thenlper/gte-small"
@@ -119,6 +122,29 @@ class Settings(BaseSettings):
         default="refuse",
         description="A vector table of another model: refuse to start, or re-embed rows as they change.",
     )
+
+    # --- Embedding backend: `local` (the model settings above) or an OpenAI-compatible server ---------
+    embedder: Literal["local", "openai"] = Field(
+        default="local", description="local: sentence-transformers here; openai: an OpenAI-compatible API."
+    )
+    # Defaults of the openai backend are those of OpenAIEmbedderSpec (consumer/embedders/openai.py).
+    openai_model: str | None = Field(
+        default=None, description="Model the server serves (CDC_EMBEDDER=openai)."
+    )
+    openai_base_url: str | None = Field(default=None, description="API root. Unset: OpenAI's.")
+    openai_dimensions: int | None = Field(default=None, ge=1, description="Sent as `dimensions`.")
+    openai_api_key: SecretStr | None = Field(
+        default=None, description="Bearer token (a Secret); never logged."
+    )
+    openai_api_key_file: Path | None = Field(
+        default=None, description="File holding the key, re-read per call."
+    )
+    openai_concurrency: int | None = Field(default=None, ge=1, description="Requests in flight.")
+    openai_max_inputs_per_request: int | None = Field(default=None, ge=1)
+    openai_max_tokens_per_request: int | None = Field(default=None, ge=1)
+    openai_max_tokens_per_input: int | None = Field(default=None, ge=1)
+    openai_request_timeout_s: float | None = Field(default=None, gt=0)
+    openai_encoding_format: Literal["float", "base64"] | None = None
 
     # --- Batching -------------------------------------------------------------------------------
     batch_max_events: int = Field(default=64, ge=1)
@@ -238,6 +264,27 @@ class Settings(BaseSettings):
         return cls.model_validate(
             {k.removeprefix(ENV_PREFIX).lower(): v for k, v in env.items() if k.startswith(ENV_PREFIX)}
         )
+
+    def openai_spec(self) -> OpenAIEmbedderSpec:
+        """The openai backend of today's single pipeline, from the CDC_OPENAI_* variables."""
+        from consumer.embedders.openai import OpenAIEmbedderSpec
+
+        prefix = "openai_"
+        given = {
+            name.removeprefix(prefix): getattr(self, name)
+            for name in type(self).model_fields
+            if name.startswith(prefix) and getattr(self, name) is not None
+        }
+        try:
+            return OpenAIEmbedderSpec.model_validate(given)
+        except ValidationError as exc:
+            problems = [
+                f"{env_name(prefix + str(e['loc'][0])) if e['loc'] else 'settings'}: {e['msg']}"
+                for e in exc.errors()
+            ]
+            raise SettingsError(
+                f"invalid {env_name('embedder')}=openai configuration: " + "; ".join(problems)
+            ) from None
 
     # --- Derived values -------------------------------------------------------------------------
     @property

@@ -143,9 +143,16 @@ class Sink(Protocol):
 
 
 class PgVectorSink:
-    def __init__(self, pool: AsyncConnectionPool[AsyncConnection[Any]], settings: Settings, info: TableInfo):
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[AsyncConnection[Any]],
+        settings: Settings,
+        info: TableInfo,
+        model: str = "",
+    ):
         self._pool = pool
-        self._model = settings.model
+        # the embedder's identity (`Embedder.name`), as in the text hashes; unset: CDC_MODEL's
+        self._model = model or settings.model
         self._text_columns = settings.text_column_list
         self._template = settings.text_template
         self._target = target_name(settings)

@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from consumer.embedders.openai import OpenAIEmbedderSpec
 from consumer.settings import DEFAULT_MODEL, Settings, SettingsError, env_name
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
@@ -46,7 +47,7 @@ class LocalEmbedderSpec(_Spec):
         return self.model
 
 
-EmbedderSpec = Annotated[LocalEmbedderSpec, Field(discriminator="kind")]
+EmbedderSpec = Annotated[LocalEmbedderSpec | OpenAIEmbedderSpec, Field(discriminator="kind")]
 
 
 def template_columns(template: str) -> tuple[str, ...]:
@@ -133,7 +134,9 @@ class PipelineSpec(_Spec):
             text_columns=None if settings.text_template else settings.text_column_list,
             text_template=settings.text_template,
             vector_table=settings.vector_table,
-            embedder=LocalEmbedderSpec(
+            embedder=settings.openai_spec()
+            if settings.embedder == "openai"
+            else LocalEmbedderSpec(
                 model=settings.model,
                 max_seq_length=settings.max_seq_length,
                 dtype=settings.embed_dtype,
@@ -160,16 +163,29 @@ class PipelineSpec(_Spec):
             text_columns=",".join(self.text_columns or template_columns(self.text_template or "")),
             text_template=self.text_template,
             vector_table=self.vector_table,
-            model=self.embedder.identity,
-            max_seq_length=self.embedder.max_seq_length,
-            embed_dtype=self.embedder.dtype,
-            embed_token_budget=self.embedder.token_budget,
+            **_embedder_fields(self.embedder, process),
             max_text_chars=self.max_text_chars,
             on_model_change=self.on_model_change,
             hnsw_m=self.hnsw_m,
             hnsw_ef_construction=self.hnsw_ef_construction,
         )
         return Settings.model_validate(fields)
+
+
+def _embedder_fields(embedder: LocalEmbedderSpec | OpenAIEmbedderSpec, process: Settings) -> dict[str, Any]:
+    """The settings that make `consumer.embedders.build_embedder` build this embedder."""
+    if isinstance(embedder, LocalEmbedderSpec):
+        return {
+            "embedder": "local",
+            "model": embedder.identity,
+            "max_seq_length": embedder.max_seq_length,
+            "embed_dtype": embedder.dtype,
+            "embed_token_budget": embedder.token_budget,
+        }
+    fields = {f"openai_{k}": v for k, v in embedder.model_dump(exclude={"kind"}).items()}
+    # the identity is the `model` of what reads the vector table; without a declared dimension it is
+    # known once the server answered, and the consumer puts it in then
+    return {"embedder": "openai", "model": embedder.identity or process.model, **fields}
 
 
 class PipelinesFileError(SettingsError):

@@ -17,6 +17,7 @@ from consumer.schema import create_demo_source_table
 from consumer.settings import Settings
 from consumer.stack import LocalStack
 from tests.harness import create_source_topic, exercise, flaky_consumer, stack_env
+from tests.infinity import InfinityServer
 
 SEED_IDS = 9_000_000  # rows the `pipeline` fixture inserts, apart from every test's own ids
 
@@ -73,3 +74,11 @@ def pipeline(
     exercise(consumer, settings, SEED_IDS)
     yield consumer
     consumer.stop()
+
+
+@pytest.fixture(scope="session")
+def infinity(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InfinityServer]:
+    """The OpenAI-compatible server the openai backend is tested against, started once."""
+    server = InfinityServer(tmp_path_factory.mktemp("infinity") / "infinity.log").start()
+    yield server
+    server.stop()

@@ -12,7 +12,8 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
-from consumer.embedder import Embedder, Embedding, SentenceTransformerEmbedder
+from consumer.embedders.base import Embedder, Embedding
+from consumer.embedders.local import SentenceTransformerEmbedder
 from consumer.logs import configure_logging
 from consumer.service import run_service
 from consumer.settings import Settings, load_settings

@@ -19,7 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import NewTopic
 
 from consumer.consumer_process import ConsumerProcess, wait_until
-from consumer.embedder import packaged_stand_in_model
+from consumer.embedders.local import packaged_stand_in_model
 from consumer.kafka import admin_client
 from consumer.ops.audit import Auditor, AuditReport, AuditTarget, Drift, audit
 from consumer.schema import source_key
@@ -121,13 +121,20 @@ def check_consistency(settings: Settings, ids: Iterable[Any] | None = None) -> C
 
 
 def wait_consistent(
-    conn: psycopg.Connection[Any], settings: Settings, ids: Sequence[Any], timeout_s: float = 300
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    ids: Sequence[Any],
+    timeout_s: float = 300,
+    model: str = "",
 ) -> Consistency:
+    """`model`: the embedder's identity, where the settings do not say it (an openai backend that
+    learns its dimension at start)."""
     last: list[Consistency] = []
+    checked = Settings.model_validate({**settings.model_dump(), "model": model}) if model else settings
 
     def check() -> bool:
         conn.commit()  # the caller's open transaction must not hold back what it then reads
-        last[:] = [check_consistency(settings, ids)]
+        last[:] = [check_consistency(checked, ids)]
         return last[0].ok
 
     try:

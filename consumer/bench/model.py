@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from consumer.bench.flops import GTE_SMALL, BertShape, flops_for_lengths, matmul_flops
-from consumer.embedder import SentenceTransformerEmbedder, packaged_stand_in_model
+from consumer.embedders.local import SentenceTransformerEmbedder, packaged_stand_in_model
 from consumer.events import join_text
 from consumer.settings import Settings
 

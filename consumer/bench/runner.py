@@ -24,7 +24,7 @@ from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies,
 from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
 from consumer.bench.report import targets, write_report
 from consumer.consumer_process import ConsumerProcess, Samples
-from consumer.embedder import SentenceTransformerEmbedder
+from consumer.embedders.local import SentenceTransformerEmbedder
 from consumer.settings import Settings
 
 Say = Callable[[str], None]

@@ -23,7 +23,7 @@ from consumer.bench.flops import BertShape
 from consumer.bench.model import build_random_model
 from consumer.connectors import register_connector
 from consumer.consumer_process import ConsumerProcess, wait_until
-from consumer.embedder import SentenceTransformerEmbedder
+from consumer.embedders.local import SentenceTransformerEmbedder
 from consumer.settings import Settings
 from consumer.spec import pipeline_settings
 from consumer.stack import LocalStack

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consumer.embedder import ModelLoadError, SentenceTransformerEmbedder, packaged_stand_in_model
+from consumer.embedders.base import ModelLoadError
+from consumer.embedders.local import SentenceTransformerEmbedder, packaged_stand_in_model
 from consumer.settings import DEFAULT_MODEL, Settings
 from tests.harness import corpus_rows
 

@@ -36,12 +36,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
+import psycopg
 import pytest
 import yaml
 
-from consumer.consumer_process import ConsumerProcess
+from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.settings import Settings
-from tests.harness import exercise
+from tests.fault_proxy import StatusProxy
+from tests.harness import corpus_rows, exercise, insert_rows
+from tests.infinity import API_KEY, InfinityServer, openai_env
 
 pytestmark = pytest.mark.integration
 
@@ -155,12 +158,43 @@ def _rules_evaluated(server: Prometheus) -> str:
 
 
 @pytest.fixture(scope="module")
+def remote_pipeline(
+    pipeline: ConsumerProcess, env: dict[str, str], infinity: InfinityServer, logs_dir: Path
+) -> Iterator[ConsumerProcess]:
+    """A consumer with CDC_EMBEDDER=openai (infinity behind a proxy that rate-limits its first request),
+    so that the embedding server's panels and alert have series too."""
+    proxy = StatusProxy(infinity.base_url, rate_limit_first=1).start()
+    remote_env = openai_env(env, proxy.base_url, API_KEY, "embeddings_observed")
+    consumer = ConsumerProcess(remote_env, logs_dir / "observed-openai.log").start().wait_ready()
+    yield consumer
+    consumer.stop()
+    proxy.stop()
+
+
+def exercise_remote(consumer: ConsumerProcess, settings: Settings) -> None:
+    with psycopg.connect(settings.dsn) as conn:
+        insert_rows(conn, corpus_rows(10, skip=57_400, id_base=OBSERVED_IDS + 50_000))
+    wait_until(
+        lambda: (
+            consumer.metric_sum("cdc_embedder_tokens_billed_total") > 0
+            and consumer.metric_sum("cdc_embedder_embed_rate_limited_total") > 0
+        ),
+        180,
+        "the openai consumer to be rate limited once and embed",
+    )
+
+
+@pytest.fixture(scope="module")
 def prometheus(
-    pipeline: ConsumerProcess, settings: Settings, tmp_path_factory: pytest.TempPathFactory
+    pipeline: ConsumerProcess,
+    remote_pipeline: ConsumerProcess,
+    settings: Settings,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Prometheus]:
     binary = _prometheus_binary()
     metrics_url = urlsplit(pipeline.metrics_url)
     assert metrics_url.hostname and metrics_url.port, f"unexpected metrics_url {pipeline.metrics_url!r}"
+    remote_url = urlsplit(remote_pipeline.metrics_url)
     workdir = tmp_path_factory.mktemp("prometheus")
     config_path = workdir / "prometheus.yml"
     config = {
@@ -171,7 +205,14 @@ def prometheus(
                 "job_name": SCRAPE_JOB,
                 "scheme": metrics_url.scheme or "http",
                 "metrics_path": metrics_url.path or "/metrics",
-                "static_configs": [{"targets": [f"{metrics_url.hostname}:{metrics_url.port}"]}],
+                "static_configs": [
+                    {
+                        "targets": [
+                            f"{metrics_url.hostname}:{metrics_url.port}",
+                            f"{remote_url.hostname}:{remote_url.port}",
+                        ]
+                    }
+                ],
             }
         ],
     }
@@ -198,6 +239,7 @@ def prometheus(
         # Traffic while Prometheus watches: rates and increases need samples on both sides of it, and
         # the session's consumer may be a fresh process (the fault tests restart it) with no history.
         exercise(pipeline, settings, OBSERVED_IDS)
+        exercise_remote(remote_pipeline, settings)
         scraped_before = _successful_scrapes(server)
         _wait_for(
             "scrapes after the traffic",

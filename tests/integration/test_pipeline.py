@@ -11,7 +11,7 @@ import pytest
 from pgvector.psycopg import register_vector
 
 from consumer.consumer_process import ConsumerProcess, wait_until
-from consumer.embedder import SentenceTransformerEmbedder
+from consumer.embedders.local import SentenceTransformerEmbedder
 from consumer.settings import Settings
 from tests.harness import cli, corpus_rows, flaky_consumer, insert_rows, wait_consistent
 

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from consumer.embedder import Embedding
+from consumer.embedders.base import Embedding
 from consumer.errors import EventError
 from consumer.events import Key, join_text
 from consumer.retry import Headers

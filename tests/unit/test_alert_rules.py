@@ -40,6 +40,7 @@ DATASOURCE_VARIABLE = "${DS_PROMETHEUS}"
 GRAFANA_VARIABLES: dict[str, str] = {
     "job": SCRAPE_JOB,
     "instance": ".*",
+    "pipeline": ".*",
     "__rate_interval": "1m",
     "__interval": "15s",
     "__range": "1h",
@@ -53,6 +54,7 @@ REQUIRED_ALERTS = frozenset(
         "CdcEmbedderDown",
         "CdcEmbedderNoProgress",
         "CdcEmbedderPartitionsPaused",
+        "CdcEmbedderRateLimited",
     }
 )
 SEVERITIES = frozenset({"critical", "warning", "info"})
@@ -75,6 +77,11 @@ DASHBOARD_REQUIRED_METRICS = frozenset(
         "cdc_embedder_assigned_partitions",
         "cdc_embedder_rebalances_total",
         "cdc_embedder_model_info",
+        "cdc_embedder_embed_requests_total",
+        "cdc_embedder_embed_request_seconds_bucket",
+        "cdc_embedder_embed_requests_in_flight",
+        "cdc_embedder_embed_rate_limited_total",
+        "cdc_embedder_tokens_billed_total",
         "process_resident_memory_bytes",
     }
 )

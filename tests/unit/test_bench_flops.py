@@ -17,7 +17,7 @@ from consumer.bench.flops import (
     slope,
 )
 from consumer.bench.report import render_markdown, targets
-from consumer.embedder import budget_groups
+from consumer.embedders.local import budget_groups
 
 
 def test_gte_small_matmul_weights_per_layer() -> None:

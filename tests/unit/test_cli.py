@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from consumer import cli
-from consumer.embedder import ModelLoadError
+from consumer.embedders.base import ModelLoadError
 from consumer.settings import Settings
 
 

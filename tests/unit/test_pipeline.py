@@ -10,7 +10,7 @@ import orjson
 import pytest
 from prometheus_client import REGISTRY
 
-from consumer.embedder import Embedding
+from consumer.embedders.base import Embedding
 from consumer.errors import ErrorClass
 from consumer.events import UNAVAILABLE_PLACEHOLDER
 from consumer.pipeline import BatchProcessor, BatchReport

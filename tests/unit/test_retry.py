@@ -55,12 +55,14 @@ def test_error_classes_split() -> None:
         ErrorClass.INVALID_EVENT,
         ErrorClass.UNKNOWN_OPERATION,
         ErrorClass.MISSING_TEXT,
+        ErrorClass.MODEL_REJECTED,
         ErrorClass.DATABASE_REJECTED,
         ErrorClass.NO_PIPELINE,
     }
     assert set(TRANSIENT) == {
         ErrorClass.MODEL_ERROR,
         ErrorClass.MODEL_OUT_OF_MEMORY,
+        ErrorClass.MODEL_UNAVAILABLE,
         ErrorClass.DATABASE_UNAVAILABLE,
         ErrorClass.TIMEOUT,
     }

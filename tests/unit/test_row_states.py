@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import pytest
 from prometheus_client import REGISTRY
 
-from consumer.embedder import Embedding
+from consumer.embedders.base import Embedding
 from consumer.pipeline import BatchProcessor, BatchReport
 from consumer.settings import Settings
 from consumer.sink import State, WriteBatch, WriteResult, text_hash

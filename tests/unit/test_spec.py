@@ -195,3 +195,27 @@ async def test_pipelines_of_one_model_share_one_loaded_copy(tmp_path: Path) -> N
         embedders = await _load_embedders(views, factory, executor)
     assert loaded == ["documents", "tickets"]
     assert embedders["again"] is embedders["tickets"] is not embedders["documents"]
+
+
+def test_an_openai_pipeline_becomes_the_settings_of_that_backend(tmp_path: Path) -> None:
+    remote = (
+        "  remote:\n    source_table: public.notes\n    text_columns: [body]\n"
+        "    vector_table: public.note_vectors\n"
+        "    embedder: {kind: openai, model: text-embedding-3-small, dimensions: 1536, concurrency: 8}\n"
+    )
+    *_, spec = parse_pipelines(write(tmp_path, TWO_PIPELINES + remote))
+    view = spec.settings(Settings())
+    assert (view.embedder, view.openai_model, view.openai_dimensions, view.openai_concurrency) == (
+        "openai",
+        "text-embedding-3-small",
+        1536,
+        8,
+    )
+    # the stored model and the text hashes name the server, the model and the dimension
+    assert view.model == view.openai_spec().identity == "openai:api.openai.com/v1/text-embedding-3-small@1536"
+    from_env = Settings.from_env_map(
+        {"CDC_EMBEDDER": "openai", "CDC_OPENAI_MODEL": "m", "CDC_OPENAI_DIMENSIONS": "8"}
+    )
+    (default,) = load_pipelines(from_env)
+    assert default.embedder.kind == "openai"
+    assert default.settings(from_env).openai_model == "m"

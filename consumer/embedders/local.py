@@ -1,4 +1,4 @@
-"""The embedding model behind a narrow protocol, so tests can swap in a small fake."""
+"""The local backend: a sentence-transformers model on this machine's CPU (`CDC_EMBEDDER=local`)."""
 
 from __future__ import annotations
 
@@ -6,39 +6,12 @@ import contextlib
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
-import numpy.typing as npt
 
-from consumer.errors import OperatorError
+from consumer.embedders.base import Embedding, ModelLoadError
 from consumer.settings import Settings, env_name
-
-Vectors = npt.NDArray[np.float32]
-Vector = npt.NDArray[np.float32]
-
-
-class ModelLoadError(OperatorError):
-    """The configured model could not be loaded; the message says which setting to change."""
-
-
-@dataclass(frozen=True, slots=True)
-class Embedding:
-    vectors: Vectors  # (n, dimension), L2-normalised
-    tokens: int  # tokens fed to the model, after truncation
-    truncated: int  # texts cut at the model window
-
-
-class Embedder(Protocol):
-    name: str
-    dimension: int
-    dtype: str  # what the model computes in: "float32" or "bfloat16"
-
-    def embed(self, texts: Sequence[str]) -> Embedding:
-        """Blocking; the consumer calls it from a worker thread."""
-        ...
 
 
 def packaged_stand_in_model() -> Path | None:
