@@ -68,6 +68,9 @@ class Settings(BaseSettings):
         pattern=r"^[a-z][a-z0-9_-]{0,62}$",
         description="Name of the default pipeline (metric label). Unset: the source table's.",
     )
+    search_view: str | None = Field(
+        default=None, description="The view searches read (cdc-embedder migrate). Unset: none."
+    )
 
     # --- Source and target tables (the default pipeline) ----------------------------------------
     source_table: str = "public.documents"
@@ -205,9 +208,11 @@ class Settings(BaseSettings):
                 ) from None
         return value
 
-    @field_validator("source_table", "vector_table")
+    @field_validator("source_table", "vector_table", "search_view")
     @classmethod
-    def _qualified_identifier(cls, value: str) -> str:
+    def _qualified_identifier(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not all(_IDENTIFIER.match(part) for part in value.split(".")) or value.count(".") > 1:
             raise ValueError(f"{value!r} is not a table name like schema.table")
         return value

@@ -146,6 +146,7 @@ class PipelineSpec(_Spec):
             on_model_change=settings.on_model_change,
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
+            search_view=settings.search_view,
         )
 
     def settings(self, process: Settings) -> Settings:
@@ -168,6 +169,7 @@ class PipelineSpec(_Spec):
             on_model_change=self.on_model_change,
             hnsw_m=self.hnsw_m,
             hnsw_ef_construction=self.hnsw_ef_construction,
+            search_view=self.search_view,
         )
         return Settings.model_validate(fields)
 

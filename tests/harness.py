@@ -45,6 +45,8 @@ STACK_ENV = {
     "CDC_DB_RETRY_BACKOFF_MAX_S": "2",
     "CDC_SHUTDOWN_GRACE_S": "20",
     "CDC_LOG_FORMAT": "json",
+    # the session's consumer exports which pipeline this view reads (the dashboard charts it)
+    "CDC_SEARCH_VIEW": "public.document_search",
     "HF_HUB_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
