@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 
-from consumer.consumer_process import free_port, wait_until
+from consumer.consumer_process import ConsumerProcess, free_port, wait_until
 from consumer.embedders.local import packaged_stand_in_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,3 +75,10 @@ def openai_env(env: dict[str, str], base_url: str, key: str, name: str) -> dict[
         "CDC_VECTOR_TABLE": f"public.{name}",
         "CDC_CONSUMER_GROUP": name,
     }
+
+
+def own_dead_letters(consumer: ConsumerProcess) -> float:
+    """Dead letters of the consumer's own making: not the records of invalid JSON that other tests put
+    on the shared source topic (tests/harness.py `exercise`), which every new group reads again."""
+    total = consumer.metric_sum("cdc_embedder_dead_letters_total")
+    return total - consumer.metric_sum("cdc_embedder_dead_letters_total", error_class="invalid_json")

@@ -17,7 +17,7 @@ from consumer.settings import Settings
 from consumer.stack import LocalStack
 from tests.fault_proxy import REFUSE, StatusProxy, Toxiproxy
 from tests.harness import corpus_rows, insert_rows, wait_consistent
-from tests.infinity import API_KEY, DIMENSION, InfinityServer, openai_env
+from tests.infinity import API_KEY, DIMENSION, InfinityServer, openai_env, own_dead_letters
 
 pytestmark = pytest.mark.fault
 
@@ -56,15 +56,14 @@ def test_rate_limits_and_server_errors_lose_nothing_and_only_a_refused_input_is_
     try:
         insert_rows(db, rows)
         wait_consistent(db, settings, [r["id"] for r in rows if r["id"] not in refused], model=model)
-        wait_until(
-            lambda: consumer.metric_sum("cdc_embedder_dead_letters_total") >= 2, 120, "the refused inputs"
-        )
+        wait_until(lambda: own_dead_letters(consumer) >= 2, 120, "the refused inputs")
         assert consumer.metric_sum("cdc_embedder_dead_letters_total", error_class="model_rejected") == 2
-        assert consumer.metric_sum("cdc_embedder_dead_letters_total") == 2
+        assert own_dead_letters(consumer) == 2
         assert consumer.metric_sum("cdc_embedder_retries_total") == 0  # waited out in place
         assert consumer.metric_sum("cdc_embedder_embed_rate_limited_total") == 3
         assert status_proxy.seen[429] == 3 and status_proxy.seen[500] == 2
-        assert consumer.metric_sum("cdc_embedder_backpressure_seconds_total") >= 3
+        # at least one Retry-After (1 s) waited out; 429s of requests in flight together share one wait
+        assert consumer.metric_sum("cdc_embedder_backpressure_seconds_total") >= 1
     finally:
         assert consumer.stop() == 0
 
@@ -91,7 +90,7 @@ def test_connection_resets_are_retried_until_the_server_is_back(
         )
         toxiproxy.clear("reset")
         wait_consistent(db, settings, [r["id"] for r in rows], model=model)
-        assert consumer.metric_sum("cdc_embedder_dead_letters_total") == 0
+        assert own_dead_letters(consumer) == 0
     finally:
         assert consumer.stop() == 0
         toxiproxy.stop()
