@@ -137,12 +137,12 @@ class BatchCommitter:
         return total, in_a_row
 
     def _drop(self, records: Batch, claim: Claim) -> None:
-        """Abandon a batch whose partitions moved; rewind those still assigned, so nothing is skipped."""
+        """Abandon a batch whose partitions moved; rewind those assigned now, so nothing is skipped."""
         first: dict[TopicPartition, int] = {}
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             first[tp] = min(first.get(tp, record.offset), record.offset)
-        rewound = self._ownership.unchanged(claim)
+        rewound = self._ownership.held(claim)
         for tp in rewound:
             self._kafka.seek(tp, first[tp])
         for tp in self._ownership.expelled(claim):  # until the member rejoins, every batch would drop

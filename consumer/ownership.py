@@ -77,11 +77,14 @@ class Ownership:
             if self._owned.get(tp) == stamp and stamp.generation != generation
         )
 
-    def unchanged(self, claim: Claim) -> list[TopicPartition]:
-        """The claimed partitions whose position still follows the claim: owned under the same
-        assignment (whatever the group generation), or claimed unstamped and owned."""
-        return sorted(
-            tp
-            for tp, stamp in claim.items()
-            if self._owned.get(tp) == stamp or (stamp == UNSTAMPED and tp in self._owned)
-        )
+    def held(self, claim: Claim) -> list[TopicPartition]:
+        """The claimed partitions this member owns now, under the claimed assignment or a later one: what
+        a dropped batch rewinds to its first offset.
+
+        A partition assigned again since the claim had its position reset to the committed offset, but
+        a fetch after that, within the same batch, moved it past records that the drop discards: left
+        there, the next batch would commit past them. The batch's first offset is at or before that
+        committed offset, unless another member committed more in between (two rebalances within one
+        batch), and then rewinding only applies its records again, which the sink makes a no-op.
+        """
+        return sorted(tp for tp in claim if tp in self._owned)

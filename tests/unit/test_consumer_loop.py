@@ -5,6 +5,7 @@ poison record, fencing a batch whose partitions moved, and rebuilding a fatally 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -81,8 +82,18 @@ async def until(condition: Callable[[], bool], what: str) -> None:
 
 @pytest.fixture
 async def loop() -> AsyncIterator[Loop]:
+    async with running_loop() as state:
+        yield state
+
+
+@contextlib.asynccontextmanager
+async def running_loop(batch_max_wait_ms: int = 0) -> AsyncIterator[Loop]:
+    """The loop over the fakes, subscribed and assigned TP0 and TP1; `batch_max_wait_ms`: its linger."""
     settings = Settings(
-        batch_max_wait_ms=0, db_retry_backoff_max_s=0.001, shutdown_grace_s=0.01, retry_max_attempts=3
+        batch_max_wait_ms=batch_max_wait_ms,
+        db_retry_backoff_max_s=0.001,
+        shutdown_grace_s=0.01,
+        retry_max_attempts=3,
     )
     broker = FakeBroker()
     kafka = FakeConsumer(broker)
@@ -300,6 +311,23 @@ async def test_an_expelled_member_drops_its_batch_and_rewinds(loop: Loop) -> Non
     await loop.kafka.rebalance({TP0, TP1})  # the member joins again
     await until(lambda: loop.committed() == 2, "the batch commits in the new generation")
     assert len(loop.events(DROPPED)) == 1
+
+
+async def test_a_partition_assigned_again_while_a_batch_gathers_is_rewound_to_what_it_refetched() -> None:
+    """A rebalance that gives a partition back to this member while a batch lingers: the records fetched
+    after it (from the committed offset) join the batch under the old claim, which no longer holds. The
+    batch is dropped, and the partition must be rewound, or the next batch would commit past records
+    that were never applied."""
+    async with running_loop(batch_max_wait_ms=1_000) as loop:
+        loop.add(b"a", b"b")
+        await until(lambda: loop.kafka.positions[TP0] == 2, "the first fetch of the batch")
+        await loop.kafka.rebalance({TP0, TP1})  # ours again, from the committed offset 0
+        loop.add(b"c")
+        await until(lambda: bool(loop.events(DROPPED)), "the batch is dropped")
+        assert loop.committed() == 0
+        loop.add(b"d")
+        await until(lambda: loop.committed() == 4, "the next batch commits")
+        assert {offset for partition, offset in loop.processor.applied if partition == 0} == {0, 1, 2, 3}
 
 
 # --- a fatal producer -----------------------------------------------------------------------------
