@@ -148,6 +148,9 @@ class Settings(BaseSettings):
     openai_max_tokens_per_input: int | None = Field(default=None, ge=1)
     openai_request_timeout_s: float | None = Field(default=None, gt=0)
     openai_encoding_format: Literal["float", "base64"] | None = None
+    openai_price_per_million_tokens: float | None = Field(
+        default=None, ge=0, description="USD per million tokens, for backfill --dry-run's cost."
+    )
 
     # --- Batching -------------------------------------------------------------------------------
     batch_max_events: int = Field(default=64, ge=1)

@@ -35,6 +35,9 @@ from consumer.errors import Backpressure, EmbedderConfigError, TransientEmbedErr
 from consumer.settings import env_name
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# OpenAI's list prices of its embedding models in USD per million tokens (standard tier, not batch), as
+# published when this was written; a price that changed is declared (price_per_million_tokens).
+PRICES = {"text-embedding-3-small": 0.02, "text-embedding-3-large": 0.13, "text-embedding-ada-002": 0.10}
 
 
 class OpenAIEmbedderSpec(BaseModel):
@@ -62,11 +65,23 @@ class OpenAIEmbedderSpec(BaseModel):
     request_timeout_s: float = Field(default=60.0, gt=0)
     # float: every compatible server has it; base64 is a third of the bytes where the server offers it
     encoding_format: Literal["float", "base64"] = "float"
+    price_per_million_tokens: float | None = Field(
+        default=None,
+        ge=0,
+        description="USD per million tokens, for the cost in `backfill --dry-run`; unset: OpenAI's list "
+        "price for its own embedding models (PRICES), none for other servers",
+    )
 
     @property
     def identity(self) -> str | None:
         """The identity, where the dimension is declared; else known once the server was asked."""
         return identity(self, self.dimensions) if self.dimensions else None
+
+    def price(self) -> float | None:
+        """USD per million tokens: the declared price, or OpenAI's list price for a model of its API."""
+        if self.price_per_million_tokens is not None:
+            return self.price_per_million_tokens
+        return PRICES.get(self.model) if self.base_url.rstrip("/") == DEFAULT_BASE_URL else None
 
     def bearer(self) -> str | None:
         if self.api_key_file is not None:

@@ -37,17 +37,33 @@ class BackfillPlan:
     rows: int
     chars: int
     current: int  # rows that have a vector of the configured model already: no model call for them
+    current_chars: int = 0  # their text's size
+    price: float | None = None  # USD per million tokens, where the embedder is a priced API
 
     @property
     def tokens(self) -> int:
         return self.chars // CHARS_PER_TOKEN
 
+    @property
+    def tokens_to_embed(self) -> int:
+        return (self.chars - self.current_chars) // CHARS_PER_TOKEN
+
     def describe(self, settings: Settings) -> str:
-        return (
-            f"{self.rows} rows of {settings.source_table}: {self.rows - self.current} to embed "
-            f"(about {self.tokens:,} tokens in all; {self.current} have a vector of {settings.model} already "
-            f"and cost no model call)"
+        cost = (
+            f", about ${self.tokens_to_embed * self.price / 1e6:,.2f} at ${self.price:g} per million tokens"
+            if self.price is not None
+            else ""
         )
+        return (
+            f"{self.rows} rows of {settings.source_table}: {self.rows - self.current} to embed, about "
+            f"{self.tokens_to_embed:,} tokens{cost} ({self.tokens:,} tokens in all; {self.current} have a "
+            f"vector of {settings.model} already and cost no model call)"
+        )
+
+
+def price_of(settings: Settings) -> float | None:
+    """USD per million tokens of the pipeline's embedder: None for the local model (no bill)."""
+    return settings.openai_spec().price() if settings.embedder == "openai" else None
 
 
 def _condition(where: str | None) -> sql.Composable:
@@ -73,7 +89,7 @@ async def plan_backfill(
     target = sql.Identifier(*settings.target)
     cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (target.as_string(conn),))
     exists = await cur.fetchone()
-    current = 0
+    current = current_chars = 0
     if exists and exists[0]:  # before the consumer first started there is no vector table
         info = await source_key(conn, settings)
         join = sql.SQL(" AND ").join(
@@ -81,13 +97,14 @@ async def plan_backfill(
         )
         cur = await conn.execute(
             sql.SQL(
-                "SELECT count(*) FROM {} JOIN {} v ON {} WHERE v.embedding IS NOT NULL AND v.model = %s"
-            ).format(rows, target, join),
+                "SELECT count(*), coalesce(sum({}), 0) FROM {} JOIN {} v ON {} "
+                "WHERE v.embedding IS NOT NULL AND v.model = %s"
+            ).format(size, rows, target, join),
             (settings.model,),
         )
         found = await cur.fetchone()
-        current = int(found[0]) if found else 0
-    return BackfillPlan(int(counted[0]), int(counted[1]), current)
+        current, current_chars = (int(found[0]), int(found[1])) if found else (0, 0)
+    return BackfillPlan(int(counted[0]), int(counted[1]), current, current_chars, price_of(settings))
 
 
 def snapshot_signal(settings: Settings, where: str | None) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from consumer.ops.backfill import BackfillPlan, _is_snapshot_row, snapshot_signal
+from consumer.ops.backfill import BackfillPlan, _is_snapshot_row, price_of, snapshot_signal
 from consumer.settings import Settings
 
 
@@ -19,10 +19,26 @@ def test_the_signal_asks_for_an_incremental_snapshot_of_the_source_table() -> No
 
 
 def test_a_dry_run_says_what_would_be_embedded_and_what_costs_nothing() -> None:
-    plan = BackfillPlan(rows=1000, chars=400_000, current=250)
+    plan = BackfillPlan(rows=1000, chars=400_000, current=250, current_chars=100_000)
+    assert price_of(Settings(model="m")) is None  # the local model sends no bill
     said = plan.describe(Settings(model="m"))
-    assert said.startswith("1000 rows of public.documents: 750 to embed (about 100,000 tokens")
+    assert said.startswith("1000 rows of public.documents: 750 to embed, about 75,000 tokens (100,000 ")
     assert "250 have a vector of m already" in said
+    assert "$" not in said
+
+
+def test_a_dry_run_for_a_priced_api_says_what_the_rows_to_embed_cost() -> None:
+    openai = Settings(embedder="openai", openai_model="text-embedding-3-large", openai_dimensions=1024)
+    plan = BackfillPlan(
+        rows=10, chars=40_000_000, current=5, current_chars=20_000_000, price=price_of(openai)
+    )
+    # 20M characters still to embed: 5M tokens at OpenAI's list price of $0.13 per million
+    assert "5,000,000 tokens, about $0.65 at $0.13 per million tokens" in plan.describe(openai)
+    declared = openai.model_copy(update={"openai_price_per_million_tokens": 1.0})
+    assert price_of(declared) == 1.0
+    # a self-hosted server bills nothing we know of, whatever model it serves
+    hosted = openai.model_copy(update={"openai_base_url": "http://tei.gpu:8080/v1"})
+    assert price_of(hosted) is None
 
 
 def test_only_snapshot_rows_are_counted_as_progress() -> None:
