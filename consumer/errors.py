@@ -77,7 +77,16 @@ class Backpressure(Exception):
 
 
 class TransientEmbedError(Exception):
-    """A 5xx, a timeout or a dropped connection of the embedding server: the same request may succeed."""
+    """A 5xx, a timeout or a dropped connection of the embedding server: the same request may succeed.
+
+    `unreachable`: no connection could be made at all. Then the server is down, not failing on these
+    texts, and the batch is held like one during a database outage; routing its texts through the retry
+    topic would dead-letter every change of an outage longer than the retry backoff.
+    """
+
+    def __init__(self, message: str, unreachable: bool = False) -> None:
+        super().__init__(message)
+        self.unreachable = unreachable
 
 
 class EventError(Exception):

@@ -327,7 +327,8 @@ class BatchProcessor:
         - Rejected inputs (the server's 400 for that input alone): only those are dead-lettered, with
           the server's reason.
         - `Backpressure` and `TransientEmbedError`: waited out in place, then the same texts are sent
-          again (`_embed_patiently`); a server that keeps failing sends the texts to the retry topic.
+          again (`_embed_patiently`); a server that keeps failing sends the texts to the retry topic,
+          but one that cannot be reached at all (`unreachable`) holds the batch like a database outage.
         - `EmbedderConfigError` (key, model, dimension): raised; the batch is held uncommitted, not
           ready, with the setting to fix logged, and nothing is dead-lettered.
         - A model call past CDC_MODEL_TIMEOUT_S fails the whole batch at once: its thread cannot be
@@ -343,15 +344,13 @@ class BatchProcessor:
         errors: dict[int, tuple[ErrorClass, str]] = {}
         try:
             embedding = await self._embed_patiently(texts, report)
-            results = list(embedding.vectors)
-            self._account(embedding, report)
-            for index, reason in embedding.rejected.items():
-                results[index] = None
-                errors[index] = (ErrorClass.MODEL_REJECTED, reason)
+            results = self._accepted(embedding, 0, errors, report)
         except TimeoutError as exc:
             results = [None] * len(texts)
             errors = dict.fromkeys(range(len(texts)), (ErrorClass.TIMEOUT, str(exc)))
         except TransientEmbedError as exc:
+            if exc.unreachable:
+                raise
             results = [None] * len(texts)
             errors = dict.fromkeys(range(len(texts)), (classify(exc), describe(exc)))
         except (Backpressure, EmbedderConfigError):
@@ -362,14 +361,31 @@ class BatchProcessor:
                     single = await self._run_model([text])
                 except (Backpressure, EmbedderConfigError):
                     raise
+                except TransientEmbedError as exc:
+                    if exc.unreachable:
+                        raise
+                    results.append(None)
+                    errors[index] = (classify(exc), describe(exc))
+                    continue
                 except Exception as exc:
                     results.append(None)
                     errors[index] = (classify(exc), f"{type(exc).__name__}: {exc}")
                     continue
-                results.append(single.vectors[0])
-                self._account(single, report)
+                results += self._accepted(single, index, errors, report)
         report.model_s += time.perf_counter() - started
         return results, errors
+
+    def _accepted(
+        self, embedding: Embedding, first: int, errors: dict[int, tuple[ErrorClass, str]], report: BatchReport
+    ) -> list[Vector | None]:
+        """The vectors of texts `first`, `first` + 1, ...; None (and the server's reason in `errors`) for
+        an input the server refused, whose row of zeros must never be written."""
+        self._account(embedding, report)
+        vectors: list[Vector | None] = list(embedding.vectors)
+        for index, reason in embedding.rejected.items():
+            vectors[index] = None
+            errors[first + index] = (ErrorClass.MODEL_REJECTED, reason)
+        return vectors
 
     async def _embed_patiently(self, texts: list[str], report: BatchReport) -> Embedding:
         """The model call, repeated for the same texts while the server rate-limits us (its retry-after)

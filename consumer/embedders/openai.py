@@ -178,7 +178,10 @@ class OpenAIEmbedder:
             response = self._client.post("embeddings", json=body, headers=headers)
         except httpx.TransportError as exc:  # timeouts, refused or reset connections
             metrics.EMBED_REQUESTS.labels(status="error").inc()
-            raise TransientEmbedError(f"{type(exc).__name__} from {self._spec.base_url}: {exc}") from exc
+            raise TransientEmbedError(
+                f"{type(exc).__name__} from {self._spec.base_url}: {exc}",
+                unreachable=isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout),
+            ) from exc
         finally:
             self._track(-1)
             metrics.EMBED_REQUEST_SECONDS.observe(time.perf_counter() - started)

@@ -159,13 +159,24 @@ def test_server_errors_are_transient(code: int) -> None:
         embedder.embed(["a"])
 
 
-def test_connection_failures_are_transient() -> None:
-    def reset(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadError("connection reset by peer")
+@pytest.mark.parametrize(
+    ("failure", "unreachable"),
+    [
+        (httpx.ReadError("connection reset by peer"), False),  # it answered before: this request failed
+        (httpx.ConnectError("connection refused"), True),  # the server is down
+        (httpx.ConnectTimeout("timed out"), True),
+    ],
+)
+def test_connection_failures_are_transient_and_say_whether_the_server_was_reached(
+    failure: httpx.TransportError, unreachable: bool
+) -> None:
+    def fail(request: httpx.Request) -> httpx.Response:
+        raise failure
 
-    embedder, _ = backend(reset)
-    with pytest.raises(TransientEmbedError, match="ReadError"):
+    embedder, _ = backend(fail)
+    with pytest.raises(TransientEmbedError, match=type(failure).__name__) as raised:
         embedder.embed(["a"])
+    assert raised.value.unreachable is unreachable
 
 
 def test_an_operator_error_wins_over_a_rate_limit_among_concurrent_requests() -> None:

@@ -84,6 +84,38 @@ async def test_transient_errors_are_retried_in_place_then_go_to_the_retry_topic(
     assert publisher.sent[0].header[H_ERROR_CLASS] == b"model_unavailable"
 
 
+async def test_an_unreachable_server_holds_the_batch_instead_of_routing_its_texts() -> None:
+    down = Scripted([TransientEmbedError("ConnectError: refused", unreachable=True)] * 10)
+    processor, sink, publisher = build(down)
+    with pytest.raises(TransientEmbedError) as raised:  # held, paused, and applied again later
+        await processor.process([Topic().create(1, 100, "a")])
+    assert diagnose(raised.value, Settings()).disposition is Disposition.OUTAGE
+    assert len(down.calls) == pipeline.TRANSIENT_ATTEMPTS
+    assert publisher.sent == [] and sink.rows == {}
+
+
+async def test_a_refused_input_found_text_by_text_is_dead_lettered_never_written_as_zeros() -> None:
+    """A failure of no known kind sends the batch text by text; a 400 for one of them then is a refused
+    input like any other, not a vector of zeros stored under the text's hash."""
+
+    class MalformedThenRefuses(FakeEmbedder):
+        def embed(self, texts: Sequence[str]) -> Embedding:
+            if len(texts) > 1:
+                raise KeyError("index")  # a malformed answer to the whole batch
+            result = super().embed(texts)
+            return (
+                Embedding(result.vectors * 0, 0, 0, {0: "400 bad input"}) if "poison" in texts[0] else result
+            )
+
+    processor, sink, publisher = build(MalformedThenRefuses())
+    topic = Topic()
+    report = await processor.process([topic.create(1, 100, "fine"), topic.create(2, 101, "poison")])
+    assert report.outcomes["embedded"] == 1 and report.outcomes["dead_lettered"] == 1
+    assert set(sink.rows) == {k(1)}
+    [sent] = publisher.sent
+    assert sent.topic == DLQ_TOPIC and sent.header[H_ERROR_MESSAGE] == b"400 bad input"
+
+
 async def test_an_input_the_server_refuses_is_dead_lettered_alone_with_its_reason() -> None:
     class RefusesPoison(FakeEmbedder):
         def embed(self, texts: Sequence[str]) -> Embedding:
