@@ -1,7 +1,9 @@
 """`cdc-embedder audit --repair`: fix what an audit found, through the consumer wherever a vector is due.
 
 - Orphans (a row of the vector table whose source row is gone) become tombstones, in SQL: a tombstone
-  and not a deletion, so that a late older event of the key cannot bring the vector back. The update
+  and not a deletion, so that a late older event of the key cannot bring the vector back. A streamed
+  tombstone: one still marked as a snapshot row (a backfill wrote the orphan) would let any streamed
+  event of the key, however old, win over it (`consumer.sink.guard`). The update
   only lands where the source row still does not exist (`NOT EXISTS`, read at READ COMMITTED: a row
   inserted meanwhile commits a change at a higher position, which the sink lets win over the tombstone)
   and where the row is still at the audited position (a newer write won: nothing to do).
@@ -71,7 +73,7 @@ def _updates(t: AuditTarget) -> tuple[sql.Composed, sql.Composed]:
     }
     tombstone = sql.SQL(
         """UPDATE {vt} AS t SET deleted = true, embedding = NULL, model = NULL, text_sha256 = NULL,
-            updated_at = clock_timestamp()
+            snapshot = false, updated_at = clock_timestamp()
         FROM unnest({unnest}, %(lsns)s::bigint[]) AS u({aliases}, lsn)
         WHERE {t} AND t.source_lsn = u.lsn AND NOT t.deleted
             AND NOT EXISTS (SELECT 1 FROM {st} s WHERE {s})"""

@@ -90,9 +90,9 @@ def test_audit_finds_injected_drift_and_repair_removes_it(
         ), kt.values(5))  # fmt: skip
         on_vector(db, 6, "deleted = true, embedding = NULL")
         names = sql.SQL(", ").join(sql.Identifier(c) for c, _ in kt.columns)
-        db.execute(sql.SQL(
-            "INSERT INTO {vt} ({names}, embedding, model, text_sha256, source_lsn) "
-            "SELECT {values}, embedding, model, text_sha256, source_lsn FROM {vt} WHERE {match}"
+        db.execute(sql.SQL(  # an orphan a backfill wrote: a snapshot row
+            "INSERT INTO {vt} ({names}, embedding, model, text_sha256, source_lsn, snapshot) "
+            "SELECT {values}, embedding, model, text_sha256, source_lsn, true FROM {vt} WHERE {match}"
         ).format(vt=vt, names=names, values=sql.SQL(", ").join(sql.Placeholder() * len(kt.columns)),
                  match=kt.match()), (*kt.values(100), *kt.values(7)))  # fmt: skip
 
@@ -110,6 +110,12 @@ def test_audit_finds_injected_drift_and_repair_removes_it(
         assert repaired.returncode == 0, repaired.stdout + repaired.stderr
         assert "repaired: 1 orphans tombstoned, 3 rows released for a snapshot, " in repaired.stdout
         assert "an incremental snapshot asked for 6 keys" in repaired.stdout, repaired.stdout
+        # a streamed tombstone: marked as a snapshot row, any streamed event however old would revive it
+        tombstone = db.execute(
+            sql.SQL("SELECT deleted, snapshot, embedding IS NULL FROM {} WHERE {}").format(vt, kt.match()),
+            kt.values(100),
+        ).fetchone()
+        assert tombstone == (True, False, True)
 
         consumer = ConsumerProcess(table_env, logs_dir / f"audit-{name}-repair.log").start()
         try:
