@@ -13,7 +13,7 @@ import pytest
 
 from consumer.embedders.limits import estimated_tokens, plan_requests, truncate_to_tokens
 from consumer.embedders.openai import OpenAIEmbedder, OpenAIEmbedderSpec, identity
-from consumer.embedders.responses import MAX_RETRY_AFTER_S, duration_s, retry_after_s
+from consumer.embedders.responses import MAX_RETRY_AFTER_S, MIN_RETRY_AFTER_S, duration_s, retry_after_s
 from consumer.errors import Backpressure, EmbedderConfigError, TransientEmbedError
 
 DIM = 3
@@ -104,6 +104,8 @@ def test_a_400_for_several_inputs_is_asked_input_by_input_and_only_the_bad_one_r
         ({"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": "120ms"}, 0.12),
         ({"x-ratelimit-remaining-requests": "5", "x-ratelimit-reset-requests": "9s"}, 1.0),
         ({}, 1.0),
+        ({"retry-after": "0"}, MIN_RETRY_AFTER_S),  # never a busy loop of 429s
+        ({"retry-after": "Wed, 02 Dec 2026 12:59:00 GMT"}, MIN_RETRY_AFTER_S),
     ],
 )
 def test_retry_after_headers(headers: dict[str, str], expected: float) -> None:
