@@ -12,6 +12,7 @@ from __future__ import annotations
 import psycopg
 from psycopg import sql
 
+from consumer.embedders.openai import identity
 from consumer.logs import get_logger
 from consumer.schema import SchemaError
 from consumer.settings import Settings, env_name
@@ -110,3 +111,24 @@ async def _model_of_existing_rows(
     )
     row = await cur.fetchone()
     return str(row[0]) if row else None
+
+
+async def with_recorded_model(conn: psycopg.AsyncConnection, settings: Settings) -> Settings:
+    """The settings with the identity the consumer recorded for the vector table, where only a running
+    consumer learns it: an openai embedder without a declared dimension is named for the dimension the
+    server answers (`openai:<host>/<model>@<dimension>`). Commands that read the table by model (audit,
+    backfill, migrate) take it from here; unchanged when nothing recorded is of this embedder."""
+    if settings.embedder != "openai" or settings.openai_dimensions is not None:
+        return settings
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (state_table(settings).as_string(conn),))
+    exists = await cur.fetchone()
+    row = None
+    if exists and exists[0]:
+        cur = await conn.execute(
+            sql.SQL("SELECT model, dimension FROM {} WHERE vector_table = %s").format(state_table(settings)),
+            (target_name(settings),),
+        )
+        row = await cur.fetchone()
+    if row is None or row[0] != identity(settings.openai_spec(), int(row[1])):
+        return settings
+    return Settings.model_validate({**settings.model_dump(), "model": row[0]})

@@ -30,6 +30,7 @@ from consumer.logs import get_logger
 from consumer.schema import TableInfo, source_key
 from consumer.settings import Settings
 from consumer.sink import text_hash
+from consumer.targets import with_recorded_model
 
 SAMPLE_KEYS = 10
 log = get_logger("cdc_embedder.audit")
@@ -263,7 +264,8 @@ async def audit(
 async def audit_pipeline(
     conn: psycopg.AsyncConnection[Any], settings: Settings, progress: Callable[[int], object] | None = None
 ) -> tuple[AuditTarget, AuditReport]:
-    """The audit of today's one pipeline, from its settings."""
+    """The audit of one pipeline, from its settings."""
+    settings = await with_recorded_model(conn, settings)
     target = AuditTarget.from_settings(settings, await source_key(conn, settings))
     report = await audit(conn, target, settings.audit_range_rows, settings.audit_settle_s, progress)
     return target, report

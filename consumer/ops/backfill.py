@@ -25,6 +25,7 @@ from consumer.connectors import signal_table_name
 from consumer.kafka import client_options, read_whole_topic, stop_groupless
 from consumer.schema import source_key
 from consumer.settings import Settings
+from consumer.targets import with_recorded_model
 
 # English through a WordPiece vocabulary runs about four characters a token; no tokenizer is loaded
 # for an estimate, so it is one, and says so.
@@ -75,6 +76,7 @@ async def plan_backfill(
     conn: psycopg.AsyncConnection[Any], settings: Settings, where: str | None
 ) -> BackfillPlan:
     """How many rows the snapshot would read, their text's size, and how many have a vector already."""
+    settings = await with_recorded_model(conn, settings)
     # the condition sees the source table alone, as Debezium's query does
     rows = sql.SQL("(SELECT * FROM {} WHERE {}) s").format(
         sql.Identifier(*settings.source), _condition(where)

@@ -27,6 +27,7 @@ from consumer.errors import OperatorError
 from consumer.schema import source_key
 from consumer.settings import Settings
 from consumer.spec import PipelineSpec, load_pipelines
+from consumer.targets import with_recorded_model
 
 REGISTRY = "cdc_embedder_views"
 
@@ -116,6 +117,7 @@ async def progress(conn: psycopg.AsyncConnection, settings: Settings, view: str)
 async def _count(conn: psycopg.AsyncConnection, pipeline: Settings, served: Settings | None) -> Progress:
     """Vectors of the pipeline's model, and rows with text that lack one; while another target serves,
     only rows that one has count as lacking: a row that came a moment ago is in neither yet."""
+    pipeline = await with_recorded_model(conn, pipeline)
     info = await source_key(conn, pipeline)
     columns = [sql.Identifier("s", c) for c in pipeline.text_column_list]
     has_text = sql.SQL(" OR ").join(
@@ -164,6 +166,9 @@ async def switch(conn: psycopg.AsyncConnection, settings: Settings, view: str, t
         raise MigrateError(f"pipeline {to!r} does not serve {view}; those that do: {', '.join(specs)}")
     target = specs[to].settings(settings)
     current, _, _ = await served_by(conn, view)
+    if current == to:  # switching again would record the pipeline as its own previous one
+        await conn.commit()
+        return current
     done = await _count(conn, target, specs[current].settings(settings) if current in specs else None)
     if done.pending and not force:
         raise MigrateError(

@@ -24,6 +24,7 @@ from consumer.bench.model import build_random_model
 from consumer.connectors import register_connector
 from consumer.consumer_process import ConsumerProcess, wait_until
 from consumer.embedders.local import SentenceTransformerEmbedder
+from consumer.ops import migrate
 from consumer.settings import Settings
 from consumer.spec import pipeline_settings
 from consumer.stack import LocalStack
@@ -162,6 +163,13 @@ def test_a_model_change_under_load_leaves_no_search_gap(
             wait_until(lambda s=step: cli(files["both"], "migrate", *s).returncode == 0, 120, " ".join(step))
             time.sleep(1.0)
         assert "new: serves" in cli(files["both"], "migrate", "status", VIEW, "--sample-s", "0.1").stdout
+        # a switch to what the view serves already changes nothing: rollback still leads to old
+        assert cli(files["both"], "migrate", "switch", VIEW, "--to", "new").returncode == 0
+        registry = sql.Identifier("public", migrate.REGISTRY)
+        found = db.execute(
+            sql.SQL("SELECT pipeline, previous FROM {} WHERE view = %s").format(registry), (VIEW,)
+        )
+        assert found.fetchone() == ("new", "old")
     finally:
         stop_load.set()
         loader.join(60)

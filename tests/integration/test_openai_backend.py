@@ -18,7 +18,7 @@ from consumer.errors import EmbedderConfigError
 from consumer.events import join_text
 from consumer.settings import Settings
 from consumer.stack import LocalStack
-from tests.harness import corpus_rows, insert_rows, wait_consistent
+from tests.harness import cli, corpus_rows, insert_rows, wait_consistent
 from tests.infinity import API_KEY, DIMENSION, InfinityServer, openai_env, own_dead_letters
 
 pytestmark = pytest.mark.integration
@@ -73,7 +73,9 @@ def test_the_consumer_embeds_through_the_server_end_to_end(
     logs_dir: Path,
     local: SentenceTransformerEmbedder,
 ) -> None:
+    # no declared dimension, as for servers that take no `dimensions`: the consumer asks the server
     remote_env = openai_env(env, infinity.base_url, API_KEY, "embeddings_openai")
+    del remote_env["CDC_OPENAI_DIMENSIONS"]
     remote_settings = Settings.from_env_map(remote_env)
     rows = corpus_rows(40, skip=57_000, id_base=7_100_000)
     consumer = ConsumerProcess(remote_env, logs_dir / "openai.log").start().wait_ready()
@@ -97,6 +99,11 @@ def test_the_consumer_embeds_through_the_server_end_to_end(
     expected = local.embed([join_text(r, ("title", "body")) for r in ordered]).vectors
     got = np.array([stored[r["id"]] for r in ordered], dtype=np.float32)
     assert np.sum(got * expected, axis=1).min() > 0.999
+    # the CLI knows the identity the consumer learnt from the server (it reads what the table recorded):
+    # none of these vectors is of a wrong model (the table may still lack rows of other tests)
+    audited = cli(remote_env, "audit")
+    [line] = [line for line in audited.stdout.splitlines() if line.startswith("wrong_model")]
+    assert line.split()[1] == "0", audited.stdout + audited.stderr
 
 
 def test_a_wrong_key_makes_the_consumer_not_ready_and_dead_letters_nothing(
