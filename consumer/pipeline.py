@@ -155,6 +155,17 @@ class BatchProcessor:
 
     async def process(self, records: Sequence[Record]) -> BatchReport:
         """Apply the batch. Raises only when the database or broker is unreachable (nothing committed)."""
+        report, failures = await self.apply(records)
+        await self.route(failures, report)
+        return report
+
+    async def apply(self, records: Sequence[Record]) -> tuple[BatchReport, list[Failure]]:
+        """Embed and write the batch; the failures are routed by `route`, the batch's first Kafka send.
+
+        Apart, so that several pipelines' parts of one batch (consumer.router) are all written before
+        the transaction's timeout starts: a send starts it on the broker, and a later part may wait for
+        its embedding server.
+        """
         report = BatchReport(self.name)
         failures: list[Failure] = []
         decoded = self._decode(records, failures)
@@ -188,8 +199,7 @@ class BatchProcessor:
         if truncate is not None:
             report.add(truncate.change.op.label, "table_cleared")
             self._freshness(truncate, committed_at, report)
-        await self._route(failures, report)
-        return report
+        return report, failures
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:
         """Route one record straight to its next topic (the dead-letter topic for permanent errors)."""
@@ -197,7 +207,7 @@ class BatchProcessor:
         state = RetryState.from_headers(
             record.headers or (), Origin(record.topic, record.partition, record.offset)
         )
-        await self._route([self._failure(record, state, error_class, message)], report)
+        await self.route([self._failure(record, state, error_class, message)], report)
         return report
 
     def _decode(self, records: Sequence[Record], failures: list[Failure]) -> list[_Decoded]:
@@ -336,7 +346,7 @@ class BatchProcessor:
 
         None of this holds a Kafka transaction open: the batch's transaction is begun by the producer
         on the client only, and the broker starts its timeout (transaction.timeout.ms) at the first
-        partition or offsets added to it, which `_route` and the offsets commit do after the vectors
+        partition or offsets added to it, which `route` and the offsets commit do after the vectors
         are written. A wait here only delays that start.
         """
         started = time.perf_counter()
@@ -453,7 +463,8 @@ class BatchProcessor:
     def _failure(self, record: Record, state: RetryState, error_class: ErrorClass, message: str) -> Failure:
         return Failure(record, state, op_label(record.value), error_class, message)
 
-    async def _route(self, failures: list[Failure], report: BatchReport) -> None:
+    async def route(self, failures: list[Failure], report: BatchReport) -> None:
+        """Publish the failures to the retry or dead-letter topic, in the batch's transaction."""
         routes = [(f, self._policy.route(f.state, f.error_class, f.message)) for f in failures]
         await asyncio.gather(
             *(self._publisher.publish(r.topic, f.record.key, f.record.value, r.headers) for f, r in routes)

@@ -12,7 +12,7 @@ import structlog
 
 from consumer.errors import ErrorClass
 from consumer.events import Origin
-from consumer.pipeline import BatchReport, Record
+from consumer.pipeline import BatchReport, Failure, Record
 from consumer.retry import H_PIPELINE, RetryState
 
 
@@ -24,11 +24,19 @@ class Processor(Protocol):
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport: ...
 
 
+class Stage(Processor, Protocol):
+    """One pipeline's processor, whose writes and Kafka sends the router can run apart."""
+
+    async def apply(self, records: Sequence[Record]) -> tuple[BatchReport, list[Failure]]: ...
+
+    async def route(self, failures: list[Failure], report: BatchReport) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
     topic: str  # the pipeline's source topic
     name: str
-    processor: Processor
+    processor: Stage
 
 
 class Router:
@@ -69,11 +77,17 @@ class Router:
                 parts.setdefault(id(route), []).append(record)
             if not routes:
                 strays.append(record)
-        report = BatchReport()
+        # every part is written before any is routed: the first send starts the transaction's timeout
+        applied: list[tuple[Route, BatchReport, list[Failure]]] = []
         for route in self._routes:
             if part := parts.get(id(route)):
                 with structlog.contextvars.bound_contextvars(pipeline=route.name):
-                    report.merge(await route.processor.process(part))
+                    applied.append((route, *await route.processor.apply(part)))
+        report = BatchReport()
+        for route, part_report, failures in applied:
+            with structlog.contextvars.bound_contextvars(pipeline=route.name):
+                await route.processor.route(failures, part_report)
+            report.merge(part_report)
         for record in strays:
             stray = await self._fallback.dead_letter(record, ErrorClass.NO_PIPELINE, self._stray(record))
             report.merge(stray)

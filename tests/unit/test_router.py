@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from prometheus_client import REGISTRY
 
+from consumer.embedders.base import Embedding
 from consumer.errors import ErrorClass
 from consumer.events import Origin
 from consumer.pipeline import BatchProcessor
@@ -132,3 +135,31 @@ async def test_pipelines_of_one_table_each_apply_its_changes_and_retry_only_thei
     await router.process([Topic(retry.topic).record(2, retry.value, retry.headers)])
     assert set(sinks["new"].rows) == {k(1), k(2)}
     assert len(sinks["old"].writes) == old_calls  # the old pipeline never saw the retry
+
+
+async def test_every_pipeline_embeds_and_writes_before_the_first_send_of_the_transaction() -> None:
+    """A send starts the Kafka transaction's timeout on the broker: a pipeline that waits for its
+    embedding server must not wait with the transaction of another pipeline's retry already open."""
+    two = Two()
+    sent_when_embedding: list[int] = []
+
+    class Watching(FakeEmbedder):
+        def embed(self, texts: Sequence[str]) -> Embedding:
+            sent_when_embedding.append(len(two.publisher.sent))
+            return super().embed(texts)
+
+    failing = FakeEmbedder(fail_texts=["poison\n\nbody"])
+    two.router = Router(
+        [
+            Route(
+                two.views[name].source_topic,
+                name,
+                BatchProcessor(two.views[name], e, two.sinks[name], two.publisher),
+            )
+            for name, e in (("notes", failing), ("tickets", Watching()))
+        ]
+    )
+    notes, tickets = two.topics["notes"], two.topics["tickets"]
+    report = await two.router.process([notes.create(1, 100, "poison"), tickets.create(1, 101, "b")])
+    assert report.outcomes["retried"] == 1 and report.outcomes["embedded"] == 1
+    assert sent_when_embedding == [0] and len(two.publisher.sent) == 1
