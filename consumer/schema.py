@@ -34,6 +34,12 @@ KEY_TYPES = re.compile(
 )
 
 
+# Text column types whose value reads the same in Debezium's JSON and through psycopg, so that the hash
+# of an event's text equals the hash of the row read back (TOAST lookups, the audit). A timestamp arrives
+# as epoch microseconds, numeric as base64 bytes, jsonb as a string of other spacing: never the same.
+TEXT_TYPES = re.compile(r"^(text|character varying(\(\d+\))?|citext)$")
+
+
 @dataclass(frozen=True, slots=True)
 class TableInfo:
     """The source table's primary key as the vector table copies it: column names and SQL types."""
@@ -142,10 +148,18 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
     schema, table = settings.source
     info = await source_key(conn, settings)
     for column in settings.text_column_list:
-        if await _column_type(conn, schema, table, column) is None:
+        kind = await _column_type(conn, schema, table, column)
+        if kind is None:
             raise SchemaError(
                 f"source table {settings.source_table} has no column {column!r}: "
                 f"set {env_name('text_columns')}"
+            )
+        if not TEXT_TYPES.match(kind):
+            raise SchemaError(
+                f"column {column!r} of {settings.source_table} is {kind}, whose value Debezium sends in "
+                "another form than the table holds (so an unchanged row would look changed): embed text, "
+                f"varchar or citext columns only; set {env_name('text_columns')} (or the pipeline's "
+                "text_template) without it, or keep a text copy of it in the table"
             )
     vschema, vtable = settings.target
     existing = await _column_type(conn, vschema, vtable, "embedding")

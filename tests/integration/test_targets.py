@@ -8,7 +8,7 @@ import pytest
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
-from consumer.schema import SchemaError
+from consumer.schema import SchemaError, ensure_vector_table
 from consumer.search import search
 from consumer.settings import Settings
 from consumer.sink import Kind, Write, WriteBatch, text_hash
@@ -73,3 +73,37 @@ async def test_search_compares_only_vectors_of_its_model(stack: LocalStack, sett
             hits = await search(conn, table, FakeEmbedder(), query, 5)
         assert [hit.key for hit in hits] == [kt.values(1)]
         assert np.isclose(hits[0].similarity, 1.0)
+
+
+async def test_a_text_column_debezium_sends_in_another_form_is_refused(
+    stack: LocalStack, settings: Settings
+) -> None:
+    """A timestamp or jsonb column reads differently from the event than from the table: the hash of an
+    unchanged row would differ, and every audit would call it stale."""
+    async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
+        await conn.execute(
+            "CREATE TABLE IF NOT EXISTS public.typed_texts "
+            "(id bigint PRIMARY KEY, title varchar(80), body text, published timestamptz, extra jsonb)"
+        )
+        for columns, refused in (("title,published", "published"), ("title,extra", "extra")):
+            typed = Settings.model_validate(
+                settings.model_dump()
+                | {
+                    "source_table": "public.typed_texts",
+                    "text_columns": columns,
+                    "vector_table": "public.typed_v",
+                }
+            )
+            with pytest.raises(
+                SchemaError, match=f"column '{refused}' of public.typed_texts is .*CDC_TEXT_COLUMNS"
+            ):
+                await ensure_vector_table(conn, typed, DIMENSION)
+        fine = Settings.model_validate(
+            settings.model_dump()
+            | {
+                "source_table": "public.typed_texts",
+                "text_columns": "title,body",
+                "vector_table": "public.typed_v",
+            }
+        )
+        assert (await ensure_vector_table(conn, fine, DIMENSION)).key_columns == ("id",)
