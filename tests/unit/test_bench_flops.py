@@ -89,6 +89,7 @@ RESULT = {
         },
     },
     "end_to_end": {"texts_per_s": 19.0, "ratio_to_raw": 0.95},
+    "remote": {"texts_per_s": 40.0, "direct_texts_per_s": 50.0, "ratio_to_direct": 0.8},
     "freshness": {"freshness_s": {"p50": 0.3, "p95": 0.8, "p99": 1.2}},
     "insert_latency": {
         "running": {"n": 3.0, "p50": 1.0, "p95": 2.0, "p99": 3.0},
@@ -110,6 +111,7 @@ def test_targets_pass_and_fail() -> None:
         "insert p50 running / stopped, pipeline on other cores": True,
         "insert p99 running / stopped, pipeline on other cores": False,
         "consumer peak RSS (GB)": True,
+        "remote path / the server's own texts/s": False,
     }
     assert not any(t["pass"] for t in targets({}))  # nothing measured: nothing passes
 
@@ -121,6 +123,7 @@ def test_render_markdown_from_a_fixed_result() -> None:
     assert "- cpu: Test CPU" in text
     assert "| float32 | 2048 | 100 |" in text
     assert "- peak RSS: 1024 MB" in text
+    assert "- ratio_to_direct: 0.8" in text
     assert "- embed_dtype: float32" in text
     assert "- separate p99 ratio: 1.5" in text
     assert "- layout: database and bench client on CPU [0], pipeline on [1]" in text
