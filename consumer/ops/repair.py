@@ -123,6 +123,26 @@ def key_filter(conn: AdaptContext | None, t: AuditTarget, keys: Sequence[Key]) -
         groups = max(1, groups // 2)
 
 
+async def in_key_order(conn: psycopg.AsyncConnection[Any], t: AuditTarget, keys: Sequence[Key]) -> list[Key]:
+    """`keys` as the database orders them (its types and collation), as `key_filter`'s ranges need.
+
+    An audit's findings are in key order range by range, but not all: a key found orphaned and then
+    missing at the settle re-check comes last in its range, and a range ending before it would skip it.
+    """
+    n = len(t.info.key_columns)
+    aliases = [sql.Identifier(f"k{i}") for i in range(n)]
+    query = sql.SQL("SELECT {} FROM unnest({}) AS u({}) ORDER BY {}").format(
+        sql.SQL(", ").join(aliases),
+        sql.SQL(", ").join(sql.Placeholder() + sql.SQL("::text[]") for _ in aliases),
+        sql.SQL(", ").join(aliases),
+        sql.SQL(", ").join(
+            sql.SQL("{}::{}").format(a, sql.SQL(k)) for a, k in zip(aliases, t.info.key_types, strict=True)
+        ),
+    )
+    cur = await conn.execute(query, by_column(keys, n))
+    return [tuple(row) for row in await cur.fetchall()]
+
+
 async def repair(
     conn: psycopg.AsyncConnection[Any], settings: Settings, t: AuditTarget, report: AuditReport
 ) -> RepairResult:
@@ -139,7 +159,7 @@ async def repair(
         if blocking:
             result.released = (await conn.execute(release, _params(blocking, arity))).rowcount
     if due:
-        keys = [f.key for f in due]
+        keys = await in_key_order(conn, t, [f.key for f in due])
         result.signals.append(await request_backfill(conn, settings, key_filter(conn, t, keys)))
         result.snapshot_keys = len(keys)
     return result
