@@ -201,10 +201,26 @@ def load_pipelines(settings: Settings) -> tuple[PipelineSpec, ...]:
     return parse_pipelines(settings.pipelines_file)
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping, where PyYAML keeps the last one silently: two
+    pipelines of one name would be one, and the other's table would go unembedded unnoticed."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"{key!r} is given twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def parse_pipelines(path: Path) -> tuple[PipelineSpec, ...]:
     where = f"{path} ({env_name('pipelines_file')})"
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_UniqueKeys)  # a SafeLoader
     except (OSError, yaml.YAMLError) as exc:
         raise PipelinesFileError(f"cannot read {where}: {exc}") from None
     entries = raw.get("pipelines") if isinstance(raw, dict) else None

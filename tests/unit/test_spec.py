@@ -125,6 +125,11 @@ def test_a_command_picks_its_pipeline_by_name(tmp_path: Path) -> None:
         ),
         ("pipelines:\n  a: {source_table: a, vector_table: a2}", "give text_columns or text_template"),
         ("pipelines: {a: [unclosed", "cannot read"),
+        (  # PyYAML alone would keep the second and drop the first without a word
+            "pipelines:\n  a: {source_table: a, text_columns: [t], vector_table: a2}\n"
+            "  a: {source_table: b, text_columns: [t], vector_table: b2}",
+            "'a' is given twice",
+        ),
     ],
 )
 def test_a_bad_file_names_the_file_the_pipeline_and_the_field(
