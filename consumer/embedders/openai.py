@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 import numpy as np
@@ -82,6 +82,14 @@ class OpenAIEmbedderSpec(BaseModel):
         if self.price_per_million_tokens is not None:
             return self.price_per_million_tokens
         return PRICES.get(self.model) if self.base_url.rstrip("/") == DEFAULT_BASE_URL else None
+
+    @property
+    def shown_url(self) -> str:
+        """The base URL for logs and errors: without the user and password a URL may carry."""
+        parts = urlsplit(self.base_url)
+        host = parts.hostname or ""
+        netloc = f"{host}:{parts.port}" if parts.port else host
+        return urlunsplit(parts._replace(netloc=netloc))
 
     def bearer(self) -> str | None:
         if self.api_key_file is not None:
@@ -179,7 +187,7 @@ class OpenAIEmbedder:
         except httpx.TransportError as exc:  # timeouts, refused or reset connections
             metrics.EMBED_REQUESTS.labels(status="error").inc()
             raise TransientEmbedError(
-                f"{type(exc).__name__} from {self._spec.base_url}: {exc}",
+                f"{type(exc).__name__} from {self._spec.shown_url}: {exc}",
                 unreachable=isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout),
             ) from exc
         finally:

@@ -62,13 +62,13 @@ def check_response(response: httpx.Response, spec: OpenAIEmbedderSpec) -> dict[s
         raise EmbedderConfigError(
             f"{status} {reason}",
             f"check {env_name('openai_model')}, {env_name('openai_dimensions')} and "
-            f"{env_name('openai_base_url')} ({spec.base_url}) against what the server serves",
+            f"{env_name('openai_base_url')} ({spec.shown_url}) against what the server serves",
         )
     if status in (400, 413, 422):
         return Rejected(f"{status} {reason}")
     if status in (408, 409) or status >= 500:
         raise TransientEmbedError(f"{status} {reason}")
-    raise EmbedderConfigError(f"{status} {reason}", f"check {env_name('openai_base_url')} ({spec.base_url})")
+    raise EmbedderConfigError(f"{status} {reason}", f"check {env_name('openai_base_url')} ({spec.shown_url})")
 
 
 def _about_configuration(reason: str) -> bool:

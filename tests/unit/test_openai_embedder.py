@@ -199,3 +199,17 @@ def test_the_dimension_is_probed_when_not_configured() -> None:
     spec = OpenAIEmbedderSpec(model="m", base_url="http://127.0.0.1:1/v1")
     with pytest.raises(TransientEmbedError):  # nothing listens there: the probe fails at start
         OpenAIEmbedder(spec)
+
+
+def test_a_password_in_the_base_url_never_reaches_an_error_or_log() -> None:
+    def refused(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused")
+
+    embedder, _ = backend(refused, base_url="http://user:s3cret@tei.gpu:8080/v1")
+    with pytest.raises(TransientEmbedError) as raised:
+        embedder.embed(["a"])
+    assert "tei.gpu:8080/v1" in str(raised.value) and "s3cret" not in str(raised.value)
+    embedder, _ = backend(status(404), base_url="http://user:s3cret@tei.gpu:8080/v1")
+    with pytest.raises(EmbedderConfigError) as wrong:
+        embedder.embed(["a"])
+    assert "s3cret" not in f"{wrong.value} {wrong.value.fix}"
