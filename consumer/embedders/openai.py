@@ -35,6 +35,7 @@ from consumer.errors import Backpressure, EmbedderConfigError, TransientEmbedErr
 from consumer.settings import env_name
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+PROBE = "dimension probe"  # a text any server embeds: asked when the settings alone are in question
 # OpenAI's list prices of its embedding models in USD per million tokens (standard tier, not batch), as
 # published when this was written; a price that changed is declared (price_per_million_tokens).
 PRICES = {"text-embedding-3-small": 0.02, "text-embedding-3-large": 0.13, "text-embedding-ada-002": 0.10}
@@ -121,7 +122,7 @@ class OpenAIEmbedder:
         self.name = identity(spec, self.dimension)
 
     def _probe_dimension(self) -> int:
-        vectors = self._request(["dimension probe"], expect=None)
+        vectors = self._request([PROBE], expect=None)
         if isinstance(vectors, Rejected):
             raise EmbedderConfigError(
                 f"the server refuses a probe text ({vectors.reason})",
@@ -194,10 +195,24 @@ class OpenAIEmbedder:
             self._track(-1)
             metrics.EMBED_REQUEST_SECONDS.observe(time.perf_counter() - started)
         metrics.EMBED_REQUESTS.labels(status=str(response.status_code)).inc()
-        payload = check_response(response, self._spec)
+        try:
+            payload = check_response(response, self._spec)
+        except EmbedderConfigError as exc:
+            # A 400 or 422 that names the model or the dimensions may only echo an input that does (a
+            # validation error quoting it): if the probe text embeds with the same settings, the inputs
+            # are at fault, not the configuration, and must not hold the stream.
+            if response.status_code in (400, 422) and inputs != [PROBE] and self._probe_embeds():
+                return Rejected(str(exc))
+            raise
         if isinstance(payload, Rejected):
             return payload
         return _decode(payload, len(inputs), expect, self._spec)
+
+    def _probe_embeds(self) -> bool:
+        try:
+            return not isinstance(self._request([PROBE], expect=None), Rejected)
+        except (EmbedderConfigError, TransientEmbedError, Backpressure):
+            return False
 
     def _track(self, delta: int) -> None:
         with self._lock:

@@ -129,6 +129,23 @@ def test_429_is_backpressure_with_the_servers_wait() -> None:
     assert caught.value.retry_after_s == 2.0
 
 
+def test_a_validation_error_that_echoes_an_input_refuses_that_input_and_holds_nothing() -> None:
+    """A server's 422 may quote the input it refuses: words like "dimension" in it are not about the
+    settings when the probe text embeds with the same settings."""
+
+    def echo(request: httpx.Request) -> httpx.Response:
+        inputs = json.loads(request.content)["input"]
+        if any("dimension" in t and t != "dimension probe" for t in inputs):
+            return httpx.Response(422, json={"detail": f"input {inputs!r} is not valid"})
+        return ok(request)
+
+    embedder, seen = backend(echo)
+    result = embedder.embed(["fine", "a text on dimension reduction"])
+    assert list(result.rejected) == [1] and "422" in result.rejected[1]
+    assert result.vectors[0].any() and not result.vectors[1].any()
+    assert [r["body"]["input"] for r in seen][-1] == ["dimension probe"]
+
+
 @pytest.mark.parametrize(
     ("handler", "setting"),
     [
