@@ -134,6 +134,10 @@ class Toxiproxy:
     def clear(self, name: str) -> None:
         httpx.delete(f"{self._api}/proxies/embed/toxics/{name}").raise_for_status()
 
+    def enable(self, enabled: bool) -> None:
+        """A disabled proxy closes its port: connections are refused, as to a server that is down."""
+        httpx.post(f"{self._api}/proxies/embed", json={"enabled": enabled}).raise_for_status()
+
     def stop(self) -> None:
         self._process.terminate()
         self._process.wait(timeout=10)

@@ -1,9 +1,11 @@
 """The real consumer with CDC_EMBEDDER=openai against infinity behind fault injectors: rate limits and
-server errors lose nothing and dead-letter nothing, a refused input alone is dead-lettered, and
-connection resets are retried until the server is reachable again."""
+server errors lose nothing and dead-letter nothing, a refused input alone is dead-lettered, connection
+resets are retried until the server is reachable again, and a server that refuses connections holds
+the batch until it is back."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,6 +93,35 @@ def test_connection_resets_are_retried_until_the_server_is_back(
         toxiproxy.clear("reset")
         wait_consistent(db, settings, [r["id"] for r in rows], model=model)
         assert own_dead_letters(consumer) == 0
+    finally:
+        assert consumer.stop() == 0
+        toxiproxy.stop()
+
+
+def test_an_unreachable_server_holds_the_batch_and_routes_nothing(
+    stack: LocalStack,
+    env: dict[str, str],
+    infinity: InfinityServer,
+    db: psycopg.Connection[Any],
+    logs_dir: Path,
+) -> None:
+    """Refused connections are an outage: the batch waits, paused, however long the server is down,
+    instead of its texts going through the retry topic to the dead-letter topic."""
+    toxiproxy = Toxiproxy(infinity.base_url.removeprefix("http://")).start(logs_dir / "toxiproxy-down.log")
+    rows = corpus_rows(10, skip=57_350, id_base=7_500_000)
+    consumer, settings, model = run(
+        openai_env(env, toxiproxy.base_url, API_KEY, "embeddings_down"), logs_dir / "down.log"
+    )
+    try:
+        toxiproxy.enable(False)
+        insert_rows(db, rows)
+        wait_until(lambda: consumer.metric_sum("cdc_embedder_paused_partitions") > 0, 120, "the held batch")
+        time.sleep(20)  # longer than all the retries the test stack's CDC_RETRY_* settings give a text
+        assert consumer.metric_sum("cdc_embedder_retries_total") == 0
+        toxiproxy.enable(True)
+        wait_consistent(db, settings, [r["id"] for r in rows], model=model)
+        assert own_dead_letters(consumer) == 0
+        assert consumer.metric_sum("cdc_embedder_retries_total") == 0
     finally:
         assert consumer.stop() == 0
         toxiproxy.stop()
