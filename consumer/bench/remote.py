@@ -16,6 +16,7 @@ import psycopg
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from consumer.bench import model as bm
+from consumer.bench.flops import GTE_SMALL
 from consumer.bench.phases import bulk_throughput
 from consumer.consumer_process import ConsumerProcess
 from consumer.embedders.openai import OpenAIEmbedder, OpenAIEmbedderSpec
@@ -25,7 +26,6 @@ from consumer.stack.infinity import API_KEY, InfinityServer, openai_env
 
 Say = Callable[[str], None]
 GROUP = "cdc_bench_remote"  # also the vector table's name
-DIMENSION = 384  # gte-small's
 CONCURRENCY = 4  # the backend's default requests in flight; the direct client keeps as many
 # Requests of 64 inputs, as the local model's batches; a consumer batch fills all CONCURRENCY of them, as
 # a deployment with a remote server would be set (CDC_BATCH_MAX_EVENTS), so the server is never idle
@@ -78,7 +78,7 @@ def remote_path(
     server.start()
     consumer: ConsumerProcess | None = None
     try:
-        remote_env = openai_env(env, server.base_url, API_KEY, GROUP, str(model_folder), DIMENSION)
+        remote_env = openai_env(env, server.base_url, API_KEY, GROUP, str(model_folder), GTE_SMALL.hidden)
         remote_env |= {
             "CDC_OPENAI_CONCURRENCY": str(CONCURRENCY),
             "CDC_OPENAI_MAX_INPUTS_PER_REQUEST": str(INPUTS_PER_REQUEST),
