@@ -79,7 +79,8 @@ async def print_search(settings: Settings, embedder: Embedder, query: str, k: in
         hits = await search(conn, settings, embedder, query, k)
     say(f"search {query!r} (top {k}, cosine similarity):")
     for hit in hits:
-        say(f"  {hit.similarity:.3f}  [{', '.join(map(str, hit.key))}] {hit.preview}")
+        chunk = "" if hit.chunk_index is None else f" chunk {hit.chunk_index}:"
+        say(f"  {hit.similarity:.3f}  [{', '.join(map(str, hit.key))}]{chunk} {hit.preview}")
     if not hits:
         say("  (no vectors yet)")
 

@@ -58,6 +58,18 @@ TOKENS_EMBEDDED = Counter(
 TEXTS_TRUNCATED = Counter(
     f"{PREFIX}_texts_truncated", "Texts longer than the model window, truncated.", ["pipeline"]
 )
+# CDC_CHUNKING=chunk (consumer/chunking.py)
+CHUNKS_PER_DOCUMENT = Histogram(
+    f"{PREFIX}_chunks_per_document",
+    "Chunks each embedded document was cut into.",
+    ["pipeline"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
+CHUNKED_DOCUMENTS = Counter(
+    f"{PREFIX}_chunked_documents",
+    "Documents longer than the window, embedded as several chunks.",
+    ["pipeline"],
+)
 # the openai backend (consumer/embedders/openai.py): one request is one POST /embeddings
 EMBED_REQUESTS = Counter(
     f"{PREFIX}_embed_requests",

@@ -17,7 +17,7 @@ from typing import Protocol
 
 from consumer import metrics
 from consumer.batching import collapse
-from consumer.embedders.base import Embedder, Embedding, Vector
+from consumer.embedders.base import Chunk, Embedder, Embedding, Vector
 from consumer.errors import (
     Backpressure,
     EmbedderConfigError,
@@ -113,6 +113,10 @@ class BatchReport:
 
 # outcomes whose write is a freshness sample
 WRITTEN = frozenset({"embedded", "unchanged", "deleted", "no_text", "too_long", "table_cleared"})
+
+
+# a text's vector and, in a chunked pipeline, its chunks
+_Embedded = tuple[Vector, tuple[Chunk, ...]]
 
 
 @dataclass(slots=True)
@@ -280,14 +284,15 @@ class BatchProcessor:
     ) -> list[_Plan]:
         if not to_embed:
             return []
-        vectors, errors = await self._embed_all([t for _, t, _ in to_embed], report)
+        embedded, errors = await self._embed_all([t for _, t, _ in to_embed], report)
         plans = []
         for index, (item, text, digest) in enumerate(to_embed):
-            vector = vectors[index]
-            if vector is None:
+            result = embedded[index]
+            if result is None:
                 failures.append(self._failure(item.record, item.state, *errors[index]))
                 continue
-            plans.append(_Plan(item, _write(item.change, Kind.VECTOR, digest, vector), "embedded", text))
+            write = _write(item.change, Kind.VECTOR, digest, *result)
+            plans.append(_Plan(item, write, "embedded", text))
         return plans
 
     async def _write(
@@ -328,8 +333,8 @@ class BatchProcessor:
 
     async def _embed_all(
         self, texts: list[str], report: BatchReport
-    ) -> tuple[list[Vector | None], dict[int, tuple[ErrorClass, str]]]:
-        """Embed the batch; returns a vector or an error (class, reason) per text.
+    ) -> tuple[list[_Embedded | None], dict[int, tuple[ErrorClass, str]]]:
+        """Embed the batch; returns a vector (and its chunks) or an error (class, reason) per text.
 
         What a failure means comes from its type (consumer.errors), and only a failure of unknown kind
         (a local model's exception) makes the batch go text by text so that only the failing ones are
@@ -350,7 +355,7 @@ class BatchProcessor:
         are written. A wait here only delays that start.
         """
         started = time.perf_counter()
-        results: list[Vector | None] = []
+        results: list[_Embedded | None] = []
         errors: dict[int, tuple[ErrorClass, str]] = {}
         try:
             embedding = await self._embed_patiently(texts, report)
@@ -387,15 +392,16 @@ class BatchProcessor:
 
     def _accepted(
         self, embedding: Embedding, first: int, errors: dict[int, tuple[ErrorClass, str]], report: BatchReport
-    ) -> list[Vector | None]:
-        """The vectors of texts `first`, `first` + 1, ...; None (and the server's reason in `errors`) for
-        an input the server refused, whose row of zeros must never be written."""
+    ) -> list[_Embedded | None]:
+        """The vectors (and chunks) of texts `first`, `first` + 1, ...; None (and the server's reason in
+        `errors`) for an input the server refused, whose row of zeros must never be written."""
         self._account(embedding, report)
-        vectors: list[Vector | None] = list(embedding.vectors)
+        chunks = embedding.chunks or [()] * len(embedding.vectors)
+        results: list[_Embedded | None] = list(zip(embedding.vectors, chunks, strict=True))
         for index, reason in embedding.rejected.items():
-            vectors[index] = None
+            results[index] = None
             errors[first + index] = (ErrorClass.MODEL_REJECTED, reason)
-        return vectors
+        return results
 
     async def _embed_patiently(self, texts: list[str], report: BatchReport) -> Embedding:
         """The model call, repeated for the same texts while the server rate-limits us (its retry-after)
@@ -459,6 +465,11 @@ class BatchProcessor:
         metrics.TEXTS_EMBEDDED.labels(pipeline=report.pipeline).inc(embedded)
         metrics.TOKENS_EMBEDDED.labels(pipeline=report.pipeline).inc(embedding.tokens)
         metrics.TEXTS_TRUNCATED.labels(pipeline=report.pipeline).inc(embedding.truncated)
+        for chunks in embedding.chunks or ():
+            if chunks:
+                metrics.CHUNKS_PER_DOCUMENT.labels(pipeline=report.pipeline).observe(len(chunks))
+                if len(chunks) > 1:
+                    metrics.CHUNKED_DOCUMENTS.labels(pipeline=report.pipeline).inc()
 
     def _failure(self, record: Record, state: RetryState, error_class: ErrorClass, message: str) -> Failure:
         return Failure(record, state, op_label(record.value), error_class, message)
@@ -475,8 +486,16 @@ class BatchProcessor:
         report.failures += [(report.pipeline, f, r) for f, r in routes]
 
 
-def _write(change: Change, kind: Kind, digest: bytes | None = None, vector: Vector | None = None) -> Write:
-    return Write(change.key, kind, change.position, change.is_snapshot, change.source_ts_ms, digest, vector)
+def _write(
+    change: Change,
+    kind: Kind,
+    digest: bytes | None = None,
+    vector: Vector | None = None,
+    chunks: tuple[Chunk, ...] = (),
+) -> Write:
+    return Write(
+        change.key, kind, change.position, change.is_snapshot, change.source_ts_ms, digest, vector, chunks
+    )
 
 
 def _admitted(state: State, change: Change, model: str) -> bool:

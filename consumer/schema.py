@@ -56,7 +56,7 @@ def _ident(schema: str, table: str) -> sql.Identifier:
     return sql.Identifier(schema, table)
 
 
-async def _column_type(conn: psycopg.AsyncConnection, schema: str, table: str, column: str) -> str | None:
+async def column_type(conn: psycopg.AsyncConnection, schema: str, table: str, column: str) -> str | None:
     cur = await conn.execute(
         """
         SELECT format_type(a.atttypid, a.atttypmod)
@@ -97,7 +97,7 @@ async def source_key(conn: psycopg.AsyncConnection, settings: Settings) -> Table
         )
     types = []
     for column in columns:
-        key_type = await _column_type(conn, schema, table, column)
+        key_type = await column_type(conn, schema, table, column)
         if key_type is None:
             raise SchemaError(
                 f"source table {settings.source_table} has no column {column!r}: "
@@ -148,7 +148,7 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
     schema, table = settings.source
     info = await source_key(conn, settings)
     for column in settings.text_column_list:
-        kind = await _column_type(conn, schema, table, column)
+        kind = await column_type(conn, schema, table, column)
         if kind is None:
             raise SchemaError(
                 f"source table {settings.source_table} has no column {column!r}: "
@@ -162,7 +162,7 @@ async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings,
                 "text_template) without it, or keep a text copy of it in the table"
             )
     vschema, vtable = settings.target
-    existing = await _column_type(conn, vschema, vtable, "embedding")
+    existing = await column_type(conn, vschema, vtable, "embedding")
     if existing is not None:
         await _check_existing(conn, settings, info, existing, dimension)
         return info
@@ -227,13 +227,13 @@ async def _check_existing(
             f"set {env_name('vector_table')} to a new table, or {model_setting} to a model of that dimension"
         )
     vector_key = await primary_key(conn, vschema, vtable)
-    vector_types = [await _column_type(conn, vschema, vtable, c) for c in vector_key]
+    vector_types = [await column_type(conn, vschema, vtable, c) for c in vector_key]
     if (tuple(vector_key), tuple(vector_types)) != (info.key_columns, info.key_types):
         raise SchemaError(
             f"{settings.vector_table} is keyed by {list(zip(vector_key, vector_types, strict=True))} but "
             f"{settings.source_table} by {info.keys}: set {env_name('vector_table')} to a new table"
         )
-    if await _column_type(conn, vschema, vtable, "snapshot") is None:
+    if await column_type(conn, vschema, vtable, "snapshot") is None:
         add = sql.SQL("ALTER TABLE {} ADD COLUMN snapshot boolean NOT NULL DEFAULT false").format(
             _ident(vschema, vtable)
         )

@@ -20,6 +20,8 @@ from aiokafka.errors import KafkaError
 
 from consumer import metrics
 from consumer.app import EmbeddingConsumer
+from consumer.chunking import with_chunking
+from consumer.chunks import ensure_chunk_table
 from consumer.embedders import build_embedder
 from consumer.embedders.base import Embedder
 from consumer.health import HealthState, heartbeat, serve
@@ -87,6 +89,7 @@ async def run_service(
                 embedder = embedders[view.pipeline]
                 async with pool.connection() as conn:
                     info = await ensure_vector_table(conn, view, embedder.dimension)
+                    await ensure_chunk_table(conn, view, info, embedder.dimension)
                     await ensure_target_state(conn, view, embedder.name, embedder.dimension)
                 sink = PgVectorSink(pool, view, info, embedder.name)
                 pipelines.append(_Pipeline(view, embedder, sink, info.key_columns))
@@ -141,7 +144,8 @@ async def _load_embedders(
             how += (view.openai_spec(),)
         if how not in loaded:
             loaded[how] = await loop.run_in_executor(executor, factory, view)
-        embedder = embedders[view.pipeline] = loaded[how]
+        # chunking wraps the shared model per pipeline: one may chunk what another truncates
+        embedder = embedders[view.pipeline] = with_chunking(loaded[how], view)
         metrics.record_model_info(view.pipeline, embedder.name, embedder.dimension, embedder.dtype)
     return embedders
 

@@ -116,7 +116,17 @@ class Settings(BaseSettings):
         default=1024, ge=0, description="Padded tokens per forward pass (length-sorted); 0: one batch."
     )
     max_text_chars: int = Field(
-        default=200_000, ge=1, description="Longer texts are not embedded: the row's vector is removed."
+        default=200_000,
+        ge=1,
+        description="Longer texts are not embedded: the row's vectors are removed (chunking's memory bound).",
+    )
+    chunking: Literal["truncate", "chunk"] = Field(
+        default="truncate",
+        description="truncate: one vector of a text's first max_seq_length tokens; chunk: one per "
+        "window-sized chunk, in <vector table>_chunks.",
+    )
+    chunk_overlap_tokens: int = Field(
+        default=32, ge=0, description="Tokens a chunk may share with the one before it (CDC_CHUNKING=chunk)."
     )
     model_timeout_s: float = Field(
         default=300.0, gt=0, description="A model call taking longer fails its batch (retried) and liveness."
@@ -252,6 +262,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"{env_name('hnsw_ef_construction')} must be at least twice {env_name('hnsw_m')}"
             )
+        if self.chunking == "chunk" and self.embedder == "openai":
+            # chunks are cut by the model's own tokenizer, which an API does not hand out
+            raise ValueError(
+                f"{env_name('chunking')}=chunk needs the model's tokenizer: use "
+                f"{env_name('embedder')}=local, or {env_name('chunking')}=truncate"
+            )
+        if self.chunk_overlap_tokens >= self.max_seq_length // 2:
+            raise ValueError(
+                f"{env_name('chunk_overlap_tokens')} must be under half of {env_name('max_seq_length')}"
+            )
         if self.key_columns and self.key_column and self.key_columns != self.key_column:
             raise ValueError(f"set {env_name('key_columns')} or {env_name('key_column')}, not both")
         isr, replicas = self.topic_min_insync_replicas, self.topic_replication_factor
@@ -327,6 +347,12 @@ class Settings(BaseSettings):
     @cached_property
     def target(self) -> tuple[str, str]:
         return _split_qualified(self.vector_table)
+
+    @cached_property
+    def chunk_target(self) -> tuple[str, str]:
+        """The chunk table of CDC_CHUNKING=chunk, beside the vector table (each document's state)."""
+        schema, table = self.target
+        return schema, f"{table}_chunks"
 
     @cached_property
     def pipeline(self) -> str:

@@ -26,8 +26,19 @@ from psycopg import AsyncConnection, sql
 from psycopg.conninfo import conninfo_to_dict
 from psycopg_pool import AsyncConnectionPool
 
+from consumer.chunks import ChunkStatements
+from consumer.embedders.base import Chunk
 from consumer.errors import EventError
 from consumer.events import Key, source_row_text, supersedes
+from consumer.key_sql import (
+    key_aliases,
+    key_casts,
+    key_match,
+    key_names,
+    key_params,
+    key_text,
+    unnest_keys,
+)
 from consumer.schema import TableInfo
 from consumer.settings import Settings
 from consumer.targets import state_table, target_name
@@ -113,6 +124,7 @@ class Write:
     source_ts_ms: int | None
     digest: bytes | None = None  # VECTOR: hash of its text; TOUCH: the hash the decision saw stored
     vector: np.ndarray[Any, Any] | None = None
+    chunks: tuple[Chunk, ...] = ()  # VECTOR of a chunked pipeline: they replace the key's chunks
 
 
 @dataclass(slots=True)
@@ -158,10 +170,10 @@ class PgVectorSink:
         self._target = target_name(settings)
         self._arity = len(info.key_columns)
         self._sql = _Statements(settings, info)
+        self._chunks = ChunkStatements(settings, info) if settings.chunking == "chunk" else None
 
     def _key_params(self, prefix: str, keys: Sequence[Key]) -> dict[str, list[str]]:
-        columns = list(zip(*keys, strict=True)) if keys else [()] * self._arity
-        return {f"{prefix}{i}": list(values) for i, values in enumerate(columns)}
+        return key_params(prefix, keys, self._arity)
 
     async def stored(self, keys: Sequence[Key]) -> State:
         async with self._pool.connection() as conn:
@@ -232,7 +244,29 @@ class PgVectorSink:
                 await conn.execute(target_lock(self._target))
             cur = await conn.execute(self._sql.write, params)
             landed = frozenset(tuple(row) for row in await cur.fetchall())
+            if self._chunks is not None:
+                await self._replace_chunks(conn, self._chunks, [w for w in rows if w.key in landed])
         return WriteResult(landed, truncated)
+
+    async def _replace_chunks(
+        self, conn: AsyncConnection[Any], statements: ChunkStatements, replaced: list[Write]
+    ) -> None:
+        """Chunks of the documents whose new state landed: a new text's instead of the old ones, none
+        for a delete or a row without text. In the state's transaction, so no search sees a mix."""
+        if not replaced:
+            return
+        await conn.execute(statements.delete, self._key_params("d", [w.key for w in replaced]))
+        fresh = [(w.key, index, chunk) for w in replaced for index, chunk in enumerate(w.chunks)]
+        if fresh:
+            await conn.execute(
+                statements.insert,
+                {
+                    **self._key_params("c", [key for key, _, _ in fresh]),
+                    "indexes": [index for _, index, _ in fresh],
+                    "texts": [chunk.text for _, _, chunk in fresh],
+                    "vectors": [chunk.vector for _, _, chunk in fresh],
+                },
+            )
 
     async def ping(self) -> None:
         async with self._pool.connection() as conn:
@@ -248,25 +282,7 @@ class _Statements:
             sql.Identifier(*settings.source),
             state_table(settings),
         )
-        names = [sql.Identifier(c) for c in info.key_columns]
-        types = [sql.SQL(t) for t in info.key_types]
-        n = len(names)
-
-        def unnest_keys(prefix: str) -> sql.Composable:
-            return sql.SQL(", ").join(sql.Placeholder(f"{prefix}{i}") + sql.SQL("::text[]") for i in range(n))
-
-        def key_aliases() -> sql.Composable:
-            return sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(n))
-
-        def key_match(table: str) -> sql.Composable:
-            return sql.SQL(" AND ").join(
-                sql.SQL("{}.{} = u.{}::{}").format(sql.Identifier(table), name, sql.Identifier(f"k{i}"), kt)
-                for i, (name, kt) in enumerate(zip(names, types, strict=True))
-            )
-
-        def key_text(table: str) -> sql.Composable:
-            return sql.SQL(", ").join(sql.SQL("{}.{}::text").format(sql.Identifier(table), c) for c in names)
-
+        n = len(info.key_columns)
         floor = sql.SQL("(SELECT truncated_lsn FROM {} WHERE vector_table = %(target)s)").format(state)
         self.truncate = sql.SQL(
             """
@@ -285,24 +301,24 @@ class _Statements:
             WHERE s.vector_table = %(target)s
             """
         ).format(
-            keys=key_text("t"),
+            keys=key_text("t", info),
             state=state,
             vt=vt,
-            unnest=unnest_keys("k"),
-            aliases=key_aliases(),
-            match=key_match("t"),
+            unnest=unnest_keys("k", n),
+            aliases=key_aliases(n),
+            match=key_match("t", info),
         )
         self.texts = sql.SQL(
             "SELECT {keys}, {cols} FROM {st} s JOIN unnest({unnest}) AS u({aliases}) ON {match}"
         ).format(
-            keys=key_text("s"),
+            keys=key_text("s", info),
             cols=sql.SQL(", ").join(
                 sql.SQL("s.{}").format(sql.Identifier(c)) for c in settings.text_column_list
             ),
             st=st,
-            unnest=unnest_keys("k"),
-            aliases=key_aliases(),
-            match=key_match("s"),
+            unnest=unnest_keys("k", n),
+            aliases=key_aliases(n),
+            match=key_match("s", info),
         )
         self.write = sql.SQL(
             """
@@ -338,20 +354,15 @@ class _Statements:
             """
         ).format(
             vt=vt,
-            t_unnest=unnest_keys("t"),
-            k_unnest=unnest_keys("k"),
-            aliases=key_aliases(),
-            t_match=sql.SQL(" AND ").join(
-                sql.SQL("t.{} = e.{}::{}").format(name, sql.Identifier(f"k{i}"), kt)
-                for i, (name, kt) in enumerate(zip(names, types, strict=True))
-            ),
+            t_unnest=unnest_keys("t", n),
+            k_unnest=unnest_keys("k", n),
+            aliases=key_aliases(n),
+            t_match=key_match("t", info, "e"),
             floor=floor,
             touch_guard=guard("e", "lsn"),
-            t_keys=key_text("t"),
-            names=sql.SQL(", ").join(names),
-            casts=sql.SQL(", ").join(
-                sql.SQL("u.{}::{}").format(sql.Identifier(f"k{i}"), kt) for i, kt in enumerate(types)
-            ),
+            t_keys=key_text("t", info),
+            names=key_names(info),
+            casts=key_casts(info),
             upsert_guard=guard("excluded", "source_lsn"),  # ON CONFLICT's name for the incoming row
         )
 

@@ -77,6 +77,8 @@ class PipelineSpec(_Spec):
     vector_table: str
     embedder: EmbedderSpec = LocalEmbedderSpec()
     max_text_chars: int = Field(default=200_000, ge=1)
+    chunking: Literal["truncate", "chunk"] = "truncate"
+    chunk_overlap_tokens: int = Field(default=32, ge=0)
     on_model_change: Literal["refuse", "reembed"] = "refuse"
     hnsw_m: int = Field(default=16, ge=2, le=100)
     hnsw_ef_construction: int = Field(default=64, ge=4, le=1000)
@@ -143,6 +145,8 @@ class PipelineSpec(_Spec):
                 token_budget=settings.embed_token_budget,
             ),
             max_text_chars=settings.max_text_chars,
+            chunking=settings.chunking,
+            chunk_overlap_tokens=settings.chunk_overlap_tokens,
             on_model_change=settings.on_model_change,
             hnsw_m=settings.hnsw_m,
             hnsw_ef_construction=settings.hnsw_ef_construction,
@@ -166,6 +170,8 @@ class PipelineSpec(_Spec):
             vector_table=self.vector_table,
             **_embedder_fields(self.embedder, process),
             max_text_chars=self.max_text_chars,
+            chunking=self.chunking,
+            chunk_overlap_tokens=self.chunk_overlap_tokens,
             on_model_change=self.on_model_change,
             hnsw_m=self.hnsw_m,
             hnsw_ef_construction=self.hnsw_ef_construction,

@@ -88,7 +88,7 @@ def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0
 
 def token_lengths(embedder: SentenceTransformerEmbedder, texts: Sequence[str]) -> list[int]:
     tokenizer = embedder._tokenizer
-    window = int(embedder._window)
+    window = int(embedder.window)
     ids = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
     return [min(len(i), window) for i in ids]
 

@@ -28,6 +28,7 @@ from consumer.errors import Backpressure, EmbedderConfigError, OperatorError, Tr
 
 __all__ = [
     "Backpressure",
+    "Chunk",
     "Embedder",
     "EmbedderConfigError",
     "Embedding",
@@ -42,12 +43,23 @@ Vector = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True, slots=True)
+class Chunk:
+    """One window-sized piece of a long text (CDC_CHUNKING=chunk) and its vector."""
+
+    text: str
+    vector: Vector
+
+
+@dataclass(frozen=True, slots=True)
 class Embedding:
     vectors: Vectors  # (n, dimension), L2-normalised; rows of rejected inputs are zeros
     tokens: int  # tokens fed to the model, after truncation (a remote API: the tokens it billed)
     truncated: int  # texts cut at the model window
     # index of an input the server refused on its own -> the server's reason
     rejected: Mapping[int, str] = field(default_factory=dict)
+    # chunked embedding: each input's chunks, in order (empty for a rejected input); `vectors` then holds
+    # each input's document vector, the normalised mean of its chunks' vectors
+    chunks: tuple[tuple[Chunk, ...], ...] | None = None
 
 
 class Embedder(Protocol):

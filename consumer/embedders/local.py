@@ -7,11 +7,15 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from consumer.embedders.base import Embedding, ModelLoadError
 from consumer.settings import Settings, env_name
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 
 def packaged_stand_in_model() -> Path | None:
@@ -78,9 +82,9 @@ class SentenceTransformerEmbedder:
         self.name = settings.model
         self._model = _load(settings.model)
         self._model.max_seq_length = min(settings.max_seq_length, self._model.max_seq_length or 512)
-        self._window = int(self._model.max_seq_length)
+        self.window = int(self._model.max_seq_length)
         # the tokenizer refuses a padding multiple that does not divide the window
-        self._pad_multiple = math.gcd(PAD_TO_MULTIPLE_OF, self._window)
+        self._pad_multiple = math.gcd(PAD_TO_MULTIPLE_OF, self.window)
         self._tokenizer = self._model.tokenizer
         self.dtype = resolve_dtype(settings.embed_dtype)
         self._dtype = torch.bfloat16 if self.dtype == "bfloat16" else None
@@ -98,13 +102,22 @@ class SentenceTransformerEmbedder:
             raise ModelLoadError(f"model {settings.model!r} does not report its embedding dimension")
         self.dimension = int(dimension)
 
+    def tokenizer(self) -> Tokenizer:
+        """A copy of the model's tokenizer that counts whole texts (no truncation, no padding)."""
+        from tokenizers import Tokenizer
+
+        counting = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
+        counting.no_truncation()
+        counting.no_padding()
+        return counting
+
     def embed(self, texts: Sequence[str]) -> Embedding:
         import torch
 
         texts = list(texts)
         lengths = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        tokens = [min(len(ids), self._window) for ids in lengths]
-        truncated = sum(len(ids) > self._window for ids in lengths)
+        tokens = [min(len(ids), self.window) for ids in lengths]
+        truncated = sum(len(ids) > self.window for ids in lengths)
         if self._token_budget > 0:
             groups = budget_groups(tokens, self._token_budget, self._batch_size)
         else:

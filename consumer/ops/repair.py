@@ -26,7 +26,9 @@ import psycopg
 from psycopg import sql
 from psycopg.abc import AdaptContext
 
+from consumer.chunks import ChunkStatements
 from consumer.events import Key
+from consumer.key_sql import key_params, key_text
 from consumer.ops.audit import AuditReport, AuditTarget, Drift, Finding, by_column
 from consumer.ops.backfill import request_backfill
 from consumer.settings import Settings
@@ -76,8 +78,9 @@ def _updates(t: AuditTarget) -> tuple[sql.Composed, sql.Composed]:
             snapshot = false, updated_at = clock_timestamp()
         FROM unnest({unnest}, %(lsns)s::bigint[]) AS u({aliases}, lsn)
         WHERE {t} AND t.source_lsn = u.lsn AND NOT t.deleted
-            AND NOT EXISTS (SELECT 1 FROM {st} s WHERE {s})"""
-    ).format(**args)
+            AND NOT EXISTS (SELECT 1 FROM {st} s WHERE {s})
+        RETURNING {keys}"""
+    ).format(**args, keys=key_text("t", t.info))
     release = sql.SQL(
         """UPDATE {vt} AS t SET deleted = false, model = NULL, text_sha256 = NULL,
             updated_at = clock_timestamp()
@@ -155,7 +158,12 @@ async def repair(
     async with conn.transaction():
         await conn.execute(target_lock(t.target_name))
         if orphans:
-            result.tombstoned = (await conn.execute(tombstone, _params(orphans, arity))).rowcount
+            cur = await conn.execute(tombstone, _params(orphans, arity))
+            gone = [tuple(row) for row in await cur.fetchall()]
+            result.tombstoned = len(gone)
+            if gone and settings.chunking == "chunk":
+                chunks = ChunkStatements(settings, t.info)
+                await conn.execute(chunks.delete, key_params("d", gone, arity))
         if blocking:
             result.released = (await conn.execute(release, _params(blocking, arity))).rowcount
     if due:

@@ -13,6 +13,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import sql
 
+from consumer.chunks import ensure_chunk_table
 from consumer.schema import ensure_vector_table
 from consumer.settings import Settings
 from consumer.sink import PgVectorSink, Sink, open_pool
@@ -33,6 +34,10 @@ class SinkUnderTest(Protocol):
         """Make row n look written by another model."""
         ...
 
+    def chunk_texts(self, n: int) -> list[str]:
+        """Row n's chunks in a chunked pipeline, in order."""
+        ...
+
 
 class FakeUnderTest:
     def __init__(self, key_type: KeyType) -> None:
@@ -45,6 +50,9 @@ class FakeUnderTest:
 
     def set_model(self, n: int, model: str) -> None:
         self.fake.rows[self.key_type.key_of(n)].model = model
+
+    def chunk_texts(self, n: int) -> list[str]:
+        return list(self.fake.chunks.get(self.key_type.key_of(n), ()))
 
 
 class PostgresUnderTest:
@@ -63,6 +71,16 @@ class PostgresUnderTest:
                 ),
                 (model, *self.key_type.values(n)),
             )
+
+    def chunk_texts(self, n: int) -> list[str]:
+        with psycopg.connect(self.settings.dsn) as conn:
+            rows = conn.execute(
+                sql.SQL("SELECT chunk_text FROM {} WHERE {} ORDER BY chunk_index").format(
+                    sql.Identifier(*self.settings.chunk_target), self.key_type.match()
+                ),
+                self.key_type.values(n),
+            ).fetchall()
+        return [row[0] for row in rows]
 
 
 def table_settings(base: Settings, key_type: KeyType, name: str, **overrides: Any) -> Settings:
@@ -83,8 +101,9 @@ def table_settings(base: Settings, key_type: KeyType, name: str, **overrides: An
 async def fresh_tables(settings: Settings, key_type: KeyType) -> Any:
     """Drop and create the pair; returns the TableInfo the consumer reads at start."""
     with psycopg.connect(settings.dsn, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}").format(
-            sql.Identifier(*settings.target), sql.Identifier(*settings.source)
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}, {}, {}").format(
+            sql.Identifier(*settings.chunk_target), sql.Identifier(*settings.target),
+            sql.Identifier(*settings.source)
         ))  # fmt: skip
         key_type.create_source(conn, *settings.source)
         if conn.execute("SELECT to_regclass(%s)", (state_table(settings).as_string(conn),)).fetchone() != (
@@ -96,13 +115,16 @@ async def fresh_tables(settings: Settings, key_type: KeyType) -> Any:
             )
     async with await psycopg.AsyncConnection.connect(settings.dsn) as aconn:
         info = await ensure_vector_table(aconn, settings, DIMENSION)
+        await ensure_chunk_table(aconn, settings, info, DIMENSION)
         await ensure_target_state(aconn, settings, MODEL, DIMENSION)
     return info
 
 
 @asynccontextmanager
-async def postgres_sink(base: Settings, key_type: KeyType, name: str) -> AsyncIterator[PostgresUnderTest]:
-    settings = table_settings(base, key_type, name)
+async def postgres_sink(
+    base: Settings, key_type: KeyType, name: str, **overrides: Any
+) -> AsyncIterator[PostgresUnderTest]:
+    settings = table_settings(base, key_type, name, **overrides)
     info = await fresh_tables(settings, key_type)
     pool = open_pool(settings)
     await pool.open(wait=True, timeout=30)

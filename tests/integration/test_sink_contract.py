@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from consumer.embedders.base import Chunk
 from consumer.settings import Settings
 from consumer.sink import Kind, Stored, Write, WriteBatch, text_hash
 from consumer.stack import LocalStack
@@ -36,6 +37,18 @@ async def under_test(
         yield real
 
 
+@pytest.fixture(params=["fake", "postgres"])
+async def chunked(
+    request: pytest.FixtureRequest, key_type: KeyType, stack: LocalStack, settings: Settings
+) -> AsyncIterator[SinkUnderTest]:
+    """The sink of a chunked pipeline (CDC_CHUNKING=chunk)."""
+    if request.param == "fake":
+        yield FakeUnderTest(key_type)
+        return
+    async with postgres_sink(settings, key_type, "chunked", chunking="chunk") as real:
+        yield real
+
+
 class Rows:
     """Writes of rows 1, 2, ... of one key type, by what they are."""
 
@@ -45,6 +58,20 @@ class Rows:
     def vector(self, n: int, text: str, position: int, snapshot: bool = False) -> Write:
         key = self.kt.key_of(n)
         return Write(key, Kind.VECTOR, position, snapshot, None, text_hash(MODEL, text), unit_vector(text))
+
+    def chunked(self, n: int, chunks: list[str], position: int) -> Write:
+        text = " ".join(chunks)
+        pieces = tuple(Chunk(c, unit_vector(c)) for c in chunks)
+        return Write(
+            self.kt.key_of(n),
+            Kind.VECTOR,
+            position,
+            False,
+            None,
+            text_hash(MODEL, text),
+            unit_vector(text),
+            pieces,
+        )
 
     def touch(self, n: int, text: str, position: int, snapshot: bool = False) -> Write:
         return Write(self.kt.key_of(n), Kind.TOUCH, position, snapshot, None, text_hash(MODEL, text))
@@ -190,3 +217,35 @@ async def test_source_texts_are_read_by_key(under_test: SinkUnderTest, key_type:
     under_test.set_source(2, "", None)
     texts = await under_test.sink.source_texts([key_type.key_of(n) for n in (1, 2, 3)])
     assert texts == {key_type.key_of(1): "title\n\na long body", key_type.key_of(2): ""}
+
+
+async def test_a_documents_chunks_are_replaced_whole_and_go_with_it(
+    chunked: SinkUnderTest, key_type: KeyType
+) -> None:
+    rows = Rows(key_type)
+    await lands(chunked, rows.chunked(1, ["a1", "a2", "a3"], 10), rows.chunked(2, ["b1", "b2"], 10))
+    assert chunked.chunk_texts(1) == ["a1", "a2", "a3"]
+    assert await lands(chunked, rows.chunked(1, ["x1", "x2"], 5)) == set()  # older: nothing changes
+    assert chunked.chunk_texts(1) == ["a1", "a2", "a3"]
+    assert await lands(chunked, rows.chunked(1, ["c1", "c2"], 20)) == {0}
+    assert chunked.chunk_texts(1) == ["c1", "c2"]  # none of the old three is left
+    assert await lands(chunked, rows.touch(1, "c1 c2", 30)) == {0}
+    assert chunked.chunk_texts(1) == ["c1", "c2"]  # the same text keeps its chunks
+    assert await lands(chunked, rows.deleted(1, 40), rows.cleared(2, 40)) == {0, 1}
+    assert chunked.chunk_texts(1) == [] and chunked.chunk_texts(2) == []
+    assert await lands(chunked, rows.chunked(1, ["d1"], 50)) == {0}
+    assert chunked.chunk_texts(1) == ["d1"]
+
+
+async def test_truncate_takes_the_chunks_of_the_documents_it_removes(
+    chunked: SinkUnderTest, key_type: KeyType
+) -> None:
+    rows = Rows(key_type)
+    await lands(chunked, rows.chunked(1, ["a1", "a2"], 10), rows.chunked(2, ["b1", "b2"], 30))
+    result = await chunked.sink.write(WriteBatch([rows.chunked(3, ["c1"], 40)], truncate_at=20))
+    assert result.truncated_rows == 1
+    assert (chunked.chunk_texts(1), chunked.chunk_texts(2), chunked.chunk_texts(3)) == (
+        [],
+        ["b1", "b2"],
+        ["c1"],
+    )

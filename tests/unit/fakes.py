@@ -83,6 +83,7 @@ class FakeSink:
     (tests/integration/test_sink_contract.py) hold this fake and the real table to the same cases."""
 
     rows: dict[Key, Row] = field(default_factory=dict)
+    chunks: dict[Key, tuple[str, ...]] = field(default_factory=dict)  # a chunked pipeline's chunk texts
     source_rows: dict[Key, dict[str, Any]] = field(default_factory=dict)  # the source table
     truncated_at: int = 0
     model: str = MODEL
@@ -119,6 +120,7 @@ class FakeSink:
             gone = [key for key, row in self.rows.items() if row.position < batch.truncate_at]
             for key in gone:
                 del self.rows[key]
+                self.chunks.pop(key, None)
             truncated = len(gone)
             self.truncated_at = max(self.truncated_at, batch.truncate_at)
         landed = {w.key for w in batch.rows if self._apply(w)}
@@ -150,6 +152,9 @@ class FakeSink:
         digest = write.digest if write.kind is Kind.VECTOR else None
         model = None if deleted else self.model
         self.rows[write.key] = Row(write.vector, digest, write.position, deleted, write.snapshot, model)
+        self.chunks.pop(write.key, None)
+        if write.chunks:
+            self.chunks[write.key] = tuple(chunk.text for chunk in write.chunks)
         return True
 
     async def ping(self) -> None:
