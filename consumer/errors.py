@@ -26,6 +26,7 @@ class ErrorClass(StrEnum):
     MODEL_REJECTED = "model_rejected"  # the embedding server refuses this input (400), with its reason
     DATABASE_REJECTED = "database_rejected"  # the row itself breaks a statement (not an outage)
     NO_PIPELINE = "no_pipeline"  # a retry record of a topic no declared pipeline reads (any more)
+    TEXT_TOO_LONG = "text_too_long"  # over CDC_MAX_TEXT_CHARS: the row's vectors removed, replayable
     # transient: the world is wrong for now; retried with backoff, dead-lettered after the last attempt
     MODEL_ERROR = "model_error"
     MODEL_OUT_OF_MEMORY = "model_out_of_memory"
@@ -47,6 +48,7 @@ _PERMANENT = frozenset(
         ErrorClass.MODEL_REJECTED,
         ErrorClass.DATABASE_REJECTED,
         ErrorClass.NO_PIPELINE,
+        ErrorClass.TEXT_TOO_LONG,
     }
 )
 

@@ -21,7 +21,6 @@ OUTCOMES = (
     "unchanged",  # the text hash matched the stored one: position advanced, no model call
     "deleted",  # the vector was removed (delete or tombstone)
     "no_text",  # the row's text is empty, NULL or whitespace: its vector was removed, the row kept
-    "too_long",  # the row's text is over CDC_MAX_TEXT_CHARS: its vector was removed, the row kept
     "table_cleared",  # a TRUNCATE of the source table: every vector older than it was removed
     "superseded",  # a newer change of the same key in the batch or in the table won
     "ignored",  # tombstones: the delete before them already removed the vector

@@ -112,7 +112,7 @@ class BatchReport:
 
 
 # outcomes whose write is a freshness sample
-WRITTEN = frozenset({"embedded", "unchanged", "deleted", "no_text", "too_long", "table_cleared"})
+WRITTEN = frozenset({"embedded", "unchanged", "deleted", "no_text", "table_cleared"})
 
 
 # a text's vector and, in a chunked pipeline, its chunks
@@ -134,6 +134,8 @@ class _Plan:
     write: Write
     outcome: str
     text: str | None = None
+    # once the write landed, the record goes to the dead-letter topic instead of having `outcome`
+    dead_letter: Failure | None = None
 
 
 class BatchProcessor:
@@ -196,6 +198,9 @@ class BatchProcessor:
         landed = await self._write(plans, truncate.change.position if truncate else None, report, failures)
         committed_at = time.time()
         for plan in plans:
+            if plan.dead_letter is not None and plan.write.key in landed:
+                failures.append(plan.dead_letter)
+                continue
             outcome = plan.outcome if plan.write.key in landed else "superseded"
             report.add(plan.item.change.op.label, outcome)
             if outcome in WRITTEN:
@@ -259,17 +264,18 @@ class BatchProcessor:
             if isinstance(text, EventError):
                 failures.append(self._failure(item.record, item.state, text.error_class, str(text)))
                 continue
-            if not text or len(text) > self._settings.max_text_chars:
-                # A valid state of the row: the vector of a text it no longer has must go.
-                outcome = "no_text" if not text else "too_long"
-                if text:
-                    log.warning(
-                        "text over the limit: the row's vector is removed",
-                        key=list(change.key),
-                        chars=len(text),
-                        setting=f"CDC_MAX_TEXT_CHARS={self._settings.max_text_chars}",
-                    )
-                plans.append(_Plan(item, _write(change, Kind.CLEARED), outcome))
+            if not text:  # a valid state of the row: the vector of a text it no longer has must go
+                plans.append(_Plan(item, _write(change, Kind.CLEARED), "no_text"))
+                continue
+            if len(text) > self._settings.max_text_chars:
+                # The vectors of the older text must go too, and the change is kept for a replay once
+                # the limit is raised.
+                limit = self._settings.max_text_chars
+                reason = (
+                    f"text of {len(text)} characters is over CDC_MAX_TEXT_CHARS={limit}: its vectors removed"
+                )
+                failure = self._failure(item.record, item.state, ErrorClass.TEXT_TOO_LONG, reason)
+                plans.append(_Plan(item, _write(change, Kind.CLEARED), "superseded", dead_letter=failure))
                 continue
             digest = text_hash(model, text)
             stored = state.rows.get(change.key)

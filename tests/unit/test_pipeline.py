@@ -524,7 +524,7 @@ async def test_toast_text_over_the_limit_clears_the_vector(
     await apply(processor, [topic.create(1, 50, "short")])
     sink.source_rows[k(1)] = {"title": "t", "body": "x" * 2000}
     report = await apply(processor, [topic.update(1, 100, "t", UNAVAILABLE_PLACEHOLDER)])
-    assert outcomes(report) == {"too_long": 1}
+    assert outcomes(report) == {"dead_lettered": 1}
     assert sink.rows[k(1)].vector is None and sink.rows[k(1)].position == 100
 
 

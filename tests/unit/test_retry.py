@@ -58,6 +58,7 @@ def test_error_classes_split() -> None:
         ErrorClass.MODEL_REJECTED,
         ErrorClass.DATABASE_REJECTED,
         ErrorClass.NO_PIPELINE,
+        ErrorClass.TEXT_TOO_LONG,
     }
     assert set(TRANSIENT) == {
         ErrorClass.MODEL_ERROR,

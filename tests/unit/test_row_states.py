@@ -78,15 +78,19 @@ async def test_text_that_becomes_empty_removes_the_vector(
     assert has_vector_of(sink, 1, text_of("words again"))
 
 
-async def test_text_over_the_limit_removes_the_vector_and_is_not_dead_lettered(
+async def test_text_over_the_limit_removes_the_vector_and_is_dead_lettered_with_the_setting(
     settings: Settings, embedder: FakeEmbedder, sink: FakeSink, topic_: Topic
 ) -> None:
     publisher = FakePublisher()
     processor = BatchProcessor(settings, embedder, sink, publisher)
     await apply(processor, [topic_.create(1, 10, "short")])
-    assert await apply(processor, [topic_.update(1, 20, "t", "x" * 200)]) == {"too_long": 1}
+    assert await apply(processor, [topic_.update(1, 20, "t", "x" * 200)]) == {"dead_lettered": 1}
     assert sink.rows[k(1)].vector is None and sink.rows[k(1)].deleted is False
-    assert publisher.sent == []
+    (letter,) = publisher.sent
+    assert letter.header["cdc-error-class"] == b"text_too_long"
+    assert b"CDC_MAX_TEXT_CHARS=" in letter.header["cdc-error-message"]
+    # a newer change of the key wins over it: no dead letter for a text that never got written
+    assert await apply(processor, [topic_.update(1, 15, "t", "x" * 200)]) == {"superseded": 1}
     assert embedder.texts_seen == [text_of("short")]
 
 
