@@ -96,19 +96,20 @@ def _cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.databases import connect_both
     from consumer.ops.backfill import follow_backfill, plan_backfill, request_backfill, source_end_offsets
     from consumer.spec import pipeline_settings
 
     settings = pipeline_settings(settings, args.pipeline)
 
     async def backfill() -> int:
-        async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
-            plan = await plan_backfill(conn, settings, args.where)
+        async with connect_both(settings) as dbs:
+            plan = await plan_backfill(dbs, settings, args.where)
             say(("would snapshot " if args.dry_run else "snapshotting ") + plan.describe(settings))
             if args.dry_run or not plan.rows:
                 return 0
             start = await source_end_offsets(settings)
-            signal = await request_backfill(conn, settings, args.where)
+            signal = await request_backfill(dbs.source, settings, args.where)
         say(f"asked Debezium for an incremental snapshot (signal {signal}); live changes keep flowing")
         if args.no_follow:
             return 0
@@ -121,6 +122,12 @@ def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
     from consumer.ops import migrate
+
+    if settings.separate_vector_database:
+        raise migrate.MigrateError(
+            "migrate counts each pipeline's progress by joining the source table with its vector table, so "
+            "it needs them in one database: unset CDC_VECTOR_DATABASE_URL for it (not supported yet)"
+        )
 
     async def run() -> int:
         async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
@@ -148,6 +155,7 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from consumer.databases import connect_both
     from consumer.ops.audit import audit_pipeline
     from consumer.ops.repair import repair
     from consumer.spec import pipeline_settings
@@ -155,8 +163,8 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
     settings = pipeline_settings(settings, args.pipeline)
 
     async def audit() -> int:
-        async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
-            cur = await conn.execute(
+        async with connect_both(settings, autocommit=True) as dbs:
+            cur = await dbs.source.execute(
                 "SELECT nullif(greatest(reltuples, 0), 0)::bigint FROM pg_class WHERE oid = to_regclass(%s)",
                 (settings.source_table,),
             )
@@ -164,14 +172,14 @@ def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
             with tqdm(
                 total=estimate[0] if estimate else None, unit="rows", desc="source rows audited"
             ) as bar:
-                target, report = await audit_pipeline(conn, settings, bar.update)
+                target, report = await audit_pipeline(dbs, settings, bar.update)
             for line in report.describe(args.sample):
                 say(line)
             if not report.findings:
                 return 0
             if not args.repair:
                 return DRIFT_EXIT
-            say((await repair(conn, settings, target, report)).describe())
+            say((await repair(dbs, settings, target, report)).describe())
             return 0
 
     return asyncio.run(audit())

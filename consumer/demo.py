@@ -17,6 +17,7 @@ import psycopg
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
+from consumer.databases import connect_both
 from consumer.embedders import build_embedder
 from consumer.embedders.base import Embedder
 from consumer.schema import DEMO_KEY_COLUMN, create_demo_source_table
@@ -74,9 +75,9 @@ async def count_vectors(conn: psycopg.AsyncConnection[Any], settings: Settings) 
 
 
 async def print_search(settings: Settings, embedder: Embedder, query: str, k: int, say: Say) -> None:
-    async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
-        await register_vector_async(conn)
-        hits = await search(conn, settings, embedder, query, k)
+    async with connect_both(settings) as dbs:
+        await register_vector_async(dbs.vectors)
+        hits = await search(dbs, settings, embedder, query, k)
     say(f"search {query!r} (top {k}, cosine similarity):")
     for hit in hits:
         chunk = "" if hit.chunk_index is None else f" chunk {hit.chunk_index}:"

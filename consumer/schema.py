@@ -143,12 +143,21 @@ async def _check_index_options(conn: psycopg.AsyncConnection, settings: Settings
             )
 
 
-async def ensure_vector_table(conn: psycopg.AsyncConnection, settings: Settings, dimension: int) -> TableInfo:
-    """Create the vector table if missing; fail if the source or an existing vector table does not fit."""
+async def ensure_vector_table(
+    conn: psycopg.AsyncConnection,
+    settings: Settings,
+    dimension: int,
+    source: psycopg.AsyncConnection | None = None,
+) -> TableInfo:
+    """Create the vector table if missing; fail if the source or an existing vector table does not fit.
+
+    `conn` is of the vector database, `source` of the source database where that is another one.
+    """
     schema, table = settings.source
-    info = await source_key(conn, settings)
+    source = source or conn
+    info = await source_key(source, settings)
     for column in settings.text_column_list:
-        kind = await column_type(conn, schema, table, column)
+        kind = await column_type(source, schema, table, column)
         if kind is None:
             raise SchemaError(
                 f"source table {settings.source_table} has no column {column!r}: "

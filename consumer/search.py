@@ -7,7 +7,9 @@ from typing import Any
 
 from psycopg import AsyncConnection, sql
 
+from consumer.databases import Databases
 from consumer.embedders.base import Embedder
+from consumer.key_sql import key_aliases, key_match, key_params, key_text, unnest_keys
 from consumer.schema import primary_key, source_key
 from consumer.settings import Settings
 
@@ -25,10 +27,8 @@ class Hit:
     chunk_index: int | None = None
 
 
-async def search(
-    conn: AsyncConnection[Any], settings: Settings, embedder: Embedder, query: str, k: int
-) -> list[Hit]:
-    """The k nearest documents by cosine distance, through the HNSW index; `conn` speaks pgvector.
+async def search(dbs: Databases, settings: Settings, embedder: Embedder, query: str, k: int) -> list[Hit]:
+    """The k nearest documents by cosine distance, through the HNSW index; `dbs.vectors` speaks pgvector.
 
     Only vectors of the query's model are compared: a table may hold rows of an earlier model while
     they are re-embedded (CDC_ON_MODEL_CHANGE=reembed), and distances across models mean nothing.
@@ -36,31 +36,39 @@ async def search(
     vector = embedder.embed([query]).vectors[0]
     params = {"q": vector, "k": k, "model": embedder.name}
     if settings.chunking == "chunk":
-        return await _search_chunks(conn, settings, await primary_key(conn, *settings.target), params)
-    info = await source_key(conn, settings)
-    keys = [sql.Identifier(c) for c in info.key_columns]
+        return await _search_chunks(
+            dbs.vectors, settings, await primary_key(dbs.vectors, *settings.target), params
+        )
+    info = await source_key(dbs.source, settings)
     statement = sql.SQL(
         """
-        SELECT {v_keys}, 1 - (v.embedding <=> %(q)s) AS similarity, left(s.{preview}, {chars})
-        FROM {vt} v LEFT JOIN {st} s ON {join}
-        WHERE v.embedding IS NOT NULL AND v.model = %(model)s
-        ORDER BY v.embedding <=> %(q)s
+        SELECT {keys}, {texts}, 1 - (embedding <=> %(q)s) AS similarity FROM {vt} v
+        WHERE embedding IS NOT NULL AND model = %(model)s
+        ORDER BY embedding <=> %(q)s
         LIMIT %(k)s
         """
     ).format(
-        v_keys=sql.SQL(", ").join(sql.SQL("v.{}").format(c) for c in keys),
-        join=sql.SQL(" AND ").join(sql.SQL("s.{0} = v.{0}").format(c) for c in keys),
-        preview=sql.Identifier(settings.text_column_list[0]),
-        chars=sql.Literal(PREVIEW_CHARS),
+        keys=sql.SQL(", ").join(sql.SQL("v.{}").format(sql.Identifier(c)) for c in info.key_columns),
+        texts=key_text("v", info),
         vt=sql.Identifier(*settings.target),
-        st=sql.Identifier(*settings.source),
     )
-    cur = await conn.execute(statement, params)
-    n = len(keys)
-    return [
-        Hit(tuple(row[:n]), float(row[n]), (row[n + 1] or "").replace("\n", " "))
-        for row in await cur.fetchall()
-    ]
+    cur = await dbs.vectors.execute(statement, params)
+    n = len(info.key_columns)
+    # (the key's values, its text form, similarity)
+    nearest = [(tuple(row[:n]), tuple(row[n : 2 * n]), float(row[2 * n])) for row in await cur.fetchall()]
+    # the text is the source's: read apart, since the vectors may live in another database
+    previews = sql.SQL("SELECT {}, left(s.{}, {}) FROM {} s JOIN unnest({}) AS u({}) ON {}").format(
+        key_text("s", info),
+        sql.Identifier(settings.text_column_list[0]),
+        sql.Literal(PREVIEW_CHARS),
+        sql.Identifier(*settings.source),
+        unnest_keys("k", n),
+        key_aliases(n),
+        key_match("s", info),
+    )
+    cur = await dbs.source.execute(previews, key_params("k", [text for _, text, _ in nearest], n))
+    texts = {tuple(row[:n]): row[n] or "" for row in await cur.fetchall()}
+    return [Hit(key, similarity, texts.get(text, "").replace("\n", " ")) for key, text, similarity in nearest]
 
 
 async def _search_chunks(

@@ -80,18 +80,22 @@ async def run_service(
             else v
             for v in views
         ]
-        pool = open_pool(settings)
+        pool = open_pool(settings)  # the vector database
+        # the source database, where the vectors live elsewhere: TOAST lookups and start-up checks only
+        source_pool = open_pool(settings, dsn=settings.dsn) if settings.separate_vector_database else pool
         await pool.open(wait=True, timeout=30)
+        if source_pool is not pool:
+            await source_pool.open(wait=True, timeout=30)
         watcher: asyncio.Task[None] | None = None
         try:
             pipelines = []
             for view in views:
                 embedder = embedders[view.pipeline]
-                async with pool.connection() as conn:
-                    info = await ensure_vector_table(conn, view, embedder.dimension)
+                async with pool.connection() as conn, source_pool.connection() as source:
+                    info = await ensure_vector_table(conn, view, embedder.dimension, source)
                     await ensure_chunk_table(conn, view, info, embedder.dimension)
                     await ensure_target_state(conn, view, embedder.name, embedder.dimension)
-                sink = PgVectorSink(pool, view, info, embedder.name)
+                sink = PgVectorSink(pool, view, info, embedder.name, source_pool)
                 pipelines.append(_Pipeline(view, embedder, sink, info.key_columns))
             watcher = asyncio.create_task(export_served_by(pool, specs), name="search views")
             # Started: the startup probe must not restart a pod that waits for Debezium's topic.
@@ -109,6 +113,8 @@ async def run_service(
             if watcher is not None:
                 watcher.cancel()
             await pool.close()
+            if source_pool is not pool:
+                await source_pool.close()
     finally:
         beat.cancel()
         server.shutdown()

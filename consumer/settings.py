@@ -50,6 +50,10 @@ class Settings(BaseSettings):
         default=None,
         description="Postgres URL or key=value conninfo of the source and vector tables. Unset: local stack.",
     )
+    vector_database_url: str | None = Field(
+        default=None,
+        description="Postgres of the vector tables, apart from the source's; unset: CDC_DATABASE_URL's.",
+    )
     database_sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = (
         None
     )
@@ -203,12 +207,16 @@ class Settings(BaseSettings):
     # --- Embedded local stack (`cdc-embedder stack`) --------------------------------------------
     stack_dir: Path = Path(".stack")
     stack_pg_port: int = 54329
+    stack_vector_database: bool = Field(
+        default=False, description="The local stack starts a second Postgres for the vector tables."
+    )
+    stack_vector_pg_port: int = 54339
     stack_kafka_port: int = 19092
     stack_kafka_controller_port: int = 19093
     stack_connect_port: int = 18083
     stack_topic_partitions: int = Field(default=3, ge=1)
 
-    @field_validator("database_url")
+    @field_validator("database_url", "vector_database_url")
     @classmethod
     def _conninfo(cls, value: str | None) -> str | None:
         if value is not None:
@@ -325,7 +333,25 @@ class Settings(BaseSettings):
 
     @cached_property
     def dsn(self) -> str:
-        url = self.database_url or f"postgresql://cdc:cdc@127.0.0.1:{self.stack_pg_port}/cdc"
+        """The source database: the source tables, Debezium's publication and signal table."""
+        return self._with_sslmode(
+            self.database_url or f"postgresql://cdc:cdc@127.0.0.1:{self.stack_pg_port}/cdc"
+        )
+
+    @cached_property
+    def vector_dsn(self) -> str:
+        """The database of the vector tables: the source's, unless one of its own is set."""
+        if self.vector_database_url:
+            return self._with_sslmode(self.vector_database_url)
+        if self.stack_vector_database and self.uses_embedded_postgres:
+            return f"postgresql://cdc:cdc@127.0.0.1:{self.stack_vector_pg_port}/cdc"
+        return self.dsn
+
+    @property
+    def separate_vector_database(self) -> bool:
+        return self.vector_dsn != self.dsn
+
+    def _with_sslmode(self, url: str) -> str:
         if not self.database_sslmode:
             return url
         if not url.startswith(_URL_SCHEMES):
@@ -387,9 +413,10 @@ class Settings(BaseSettings):
     def dlq_topic(self) -> str:
         return f"{self.consumer_group}.dlq"
 
-    def database_parts(self) -> dict[str, str]:
-        """Host, port, user, password and database name, as Debezium's connector config wants them."""
-        params = {k: str(v) for k, v in conninfo_to_dict(self.dsn).items()}  # URL or conninfo, decoded
+    def database_parts(self, dsn: str | None = None) -> dict[str, str]:
+        """Host, port, user, password and database name (of the source unless `dsn` is given), as
+        Debezium's connector config wants them."""
+        params = {k: str(v) for k, v in conninfo_to_dict(dsn or self.dsn).items()}  # URL or conninfo, decoded
         return {
             "hostname": params.get("host") or "127.0.0.1",
             "port": params.get("port") or "5432",
@@ -398,14 +425,16 @@ class Settings(BaseSettings):
             "dbname": params.get("dbname") or "postgres",
         }
 
-    def redacted_dsn(self) -> str:
-        """The database URL or conninfo for logs: passwords (wherever they are given) masked."""
-        if not self.dsn.startswith(_URL_SCHEMES):
-            params = conninfo_to_dict(self.dsn)
+    def redacted_dsn(self, dsn: str | None = None) -> str:
+        """The database URL or conninfo (the source's unless `dsn` is given) for logs: passwords
+        (wherever they are given) masked."""
+        dsn = dsn or self.dsn
+        if not dsn.startswith(_URL_SCHEMES):
+            params = conninfo_to_dict(dsn)
             if "password" in params:
                 params["password"] = "***"
             return make_conninfo("", **params)
-        parts = urlsplit(self.dsn)
+        parts = urlsplit(dsn)
         netloc = parts.netloc
         if parts.password is not None:
             netloc = netloc.replace(f":{parts.password}@", ":***@")

@@ -161,8 +161,11 @@ class PgVectorSink:
         settings: Settings,
         info: TableInfo,
         model: str = "",
+        source_pool: AsyncConnectionPool[AsyncConnection[Any]] | None = None,
     ):
-        self._pool = pool
+        self._pool = pool  # of the vector database
+        # of the source database, for TOAST lookups only; the same pool where the vectors live there too
+        self._source_pool = source_pool or pool
         # the embedder's identity (`Embedder.name`), as in the text hashes; unset: CDC_MODEL's
         self._model = model or settings.model
         self._text_columns = settings.text_column_list
@@ -197,7 +200,7 @@ class PgVectorSink:
         if not keys:
             return {}
         columns = self._text_columns
-        async with self._pool.connection() as conn:
+        async with self._source_pool.connection() as conn:
             cur = await conn.execute(self._sql.texts, self._key_params("k", keys))
             found: dict[Key, str | EventError] = {}
             for row in await cur.fetchall():
@@ -269,8 +272,9 @@ class PgVectorSink:
             )
 
     async def ping(self) -> None:
-        async with self._pool.connection() as conn:
-            await conn.execute("SELECT 1")
+        for pool in dict.fromkeys((self._pool, self._source_pool)):
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
 
 
 class _Statements:
@@ -380,8 +384,12 @@ TCP_KEEPALIVES = {
 }
 
 
-def open_pool(settings: Settings, min_size: int = 1) -> AsyncConnectionPool[AsyncConnection[Any]]:
-    """A pool whose connections speak pgvector's binary format and cannot wait forever."""
+def open_pool(
+    settings: Settings, min_size: int = 1, dsn: str | None = None
+) -> AsyncConnectionPool[AsyncConnection[Any]]:
+    """A pool (of the vector database unless `dsn` is given) whose connections speak pgvector's binary
+    format and cannot wait forever."""
+    dsn = dsn or settings.vector_dsn
     timeout_ms = settings.database_statement_timeout_ms
     # SET rather than the startup packet's `options`, which poolers such as PgBouncer may refuse
     set_timeout = sql.SQL("SET statement_timeout = {}").format(sql.Literal(timeout_ms))
@@ -392,10 +400,10 @@ def open_pool(settings: Settings, min_size: int = 1) -> AsyncConnectionPool[Asyn
         if timeout_ms:
             await conn.execute(set_timeout)
 
-    given = conninfo_to_dict(settings.dsn)
+    given = conninfo_to_dict(dsn)
     keepalives = {k: v for k, v in TCP_KEEPALIVES.items() if k not in given}
     return AsyncConnectionPool(
-        settings.dsn,
+        dsn,
         min_size=min_size,
         max_size=settings.database_pool_size,
         configure=configure,

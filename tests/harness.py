@@ -19,6 +19,7 @@ from aiokafka import AIOKafkaProducer
 from aiokafka.admin import NewTopic
 
 from consumer.consumer_process import ConsumerProcess, wait_until
+from consumer.databases import connect_both
 from consumer.embedders.local import packaged_stand_in_model
 from consumer.kafka import admin_client
 from consumer.ops.audit import Auditor, AuditReport, AuditTarget, Drift, audit
@@ -35,6 +36,7 @@ PORT_SHIFT = int(os.environ.get("CDC_TEST_PORT_SHIFT", "0"))
 STACK_ENV = {
     "CDC_STACK_DIR": str(REPO / ".stack-test"),
     "CDC_STACK_PG_PORT": str(55439 + PORT_SHIFT),
+    "CDC_STACK_VECTOR_PG_PORT": str(55449 + PORT_SHIFT),  # started by the tests that ask for it
     "CDC_STACK_KAFKA_PORT": str(29092 + PORT_SHIFT),
     "CDC_STACK_KAFKA_CONTROLLER_PORT": str(29093 + PORT_SHIFT),
     "CDC_STACK_CONNECT_PORT": str(28083 + PORT_SHIFT),
@@ -106,11 +108,11 @@ def check_consistency(settings: Settings, ids: Iterable[Any] | None = None) -> C
     model; rows whose text is empty, NULL, whitespace or over CDC_MAX_TEXT_CHARS, and deleted ones, none."""
 
     async def run() -> AuditReport:
-        async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
-            target = AuditTarget.from_settings(settings, await source_key(conn, settings))
+        async with connect_both(settings, autocommit=True) as dbs:
+            target = AuditTarget.from_settings(settings, await source_key(dbs.source, settings))
             if ids is None:
-                return await audit(conn, target, settings.audit_range_rows, settle_s=0)
-            return await Auditor(conn, target).of_keys([as_key(i) for i in ids], settings.audit_range_rows)
+                return await audit(dbs, target, settings.audit_range_rows, settle_s=0)
+            return await Auditor(dbs, target).of_keys([as_key(i) for i in ids], settings.audit_range_rows)
 
     report = asyncio.run(run())
     keys = {kind: [f.key for f in report.of(kind)] for kind in Drift}

@@ -25,6 +25,7 @@ import psycopg
 from psycopg import sql
 
 from consumer import metrics
+from consumer.databases import Databases, connect_both
 from consumer.events import Key, source_row_text
 from consumer.logs import get_logger
 from consumer.schema import TableInfo, source_key
@@ -175,10 +176,11 @@ def by_column(keys: Sequence[Key], arity: int) -> list[list[str]]:
 
 
 class Auditor:
-    """Reads and classifies; `conn` is in autocommit, so each read is its own READ COMMITTED statement."""
+    """Reads and classifies; the connections are in autocommit, so each read is its own READ COMMITTED
+    statement."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any], target: AuditTarget) -> None:
-        self._conn, self._t, self._q = conn, target, _Queries(target)
+    def __init__(self, dbs: Databases, target: AuditTarget) -> None:
+        self._source, self._vectors_db, self._t, self._q = dbs.source, dbs.vectors, target, _Queries(target)
         self._n = len(target.info.key_columns)
 
     def _split(self, rows: list[tuple[Any, ...]]) -> dict[Key, str]:
@@ -210,15 +212,17 @@ class Auditor:
         report, after = AuditReport(), None
         while True:
             if after is None:
-                cur = await self._conn.execute(self._q.first, (range_rows,))
+                cur = await self._source.execute(self._q.first, (range_rows,))
             else:
-                cur = await self._conn.execute(self._q.after, (*after, range_rows))
+                cur = await self._source.execute(self._q.after, (*after, range_rows))
             texts = self._split(await cur.fetchall())
             last = list(texts)[-1] if len(texts) == range_rows else None
             bounds = [(self._q.lower, after), (self._q.upper, last)]
             where = [(cond, key) for cond, key in bounds if key is not None]
             condition = sql.SQL(" AND ").join(c for c, _ in where) if where else sql.SQL("true")
-            cur = await self._conn.execute(self._q.vectors + condition, [v for _, k in where for v in k])
+            cur = await self._vectors_db.execute(
+                self._q.vectors + condition, [v for _, k in where for v in k]
+            )
             report.findings += self._classify(texts, self._vectors(await cur.fetchall()), report)
             if progress is not None:
                 progress(len(texts))
@@ -231,8 +235,10 @@ class Auditor:
         report = AuditReport()
         for i in range(0, len(keys), range_rows):
             params = by_column(keys[i : i + range_rows], self._n)
-            texts = self._split(await (await self._conn.execute(self._q.source_of, params)).fetchall())
-            vectors = self._vectors(await (await self._conn.execute(self._q.vectors_of, params)).fetchall())
+            texts = self._split(await (await self._source.execute(self._q.source_of, params)).fetchall())
+            vectors = self._vectors(
+                await (await self._vectors_db.execute(self._q.vectors_of, params)).fetchall()
+            )
             report.findings += self._classify(texts, vectors, report)
         order = {key: i for i, key in enumerate(keys)}  # key order, as a repair's key ranges need
         report.findings.sort(key=lambda f: order[f.key])
@@ -240,7 +246,7 @@ class Auditor:
 
 
 async def audit(
-    conn: psycopg.AsyncConnection[Any],
+    dbs: Databases,
     target: AuditTarget,
     range_rows: int,
     settle_s: float,
@@ -250,7 +256,7 @@ async def audit(
     """Scan both tables, then look again at the drifting keys after `settle_s`, so that changes in flight
     (applied between the two reads, or within the settle delay) are not reported as drift."""
     started = time.monotonic()
-    auditor = Auditor(conn, target)
+    auditor = Auditor(dbs, target)
     report = await auditor.scan(range_rows, progress)
     if report.findings and settle_s > 0:
         await sleep(settle_s)
@@ -262,12 +268,12 @@ async def audit(
 
 
 async def audit_pipeline(
-    conn: psycopg.AsyncConnection[Any], settings: Settings, progress: Callable[[int], object] | None = None
+    dbs: Databases, settings: Settings, progress: Callable[[int], object] | None = None
 ) -> tuple[AuditTarget, AuditReport]:
     """The audit of one pipeline, from its settings."""
-    settings = await with_recorded_model(conn, settings)
-    target = AuditTarget.from_settings(settings, await source_key(conn, settings))
-    report = await audit(conn, target, settings.audit_range_rows, settings.audit_settle_s, progress)
+    settings = await with_recorded_model(dbs.vectors, settings)
+    target = AuditTarget.from_settings(settings, await source_key(dbs.source, settings))
+    report = await audit(dbs, target, settings.audit_range_rows, settings.audit_settle_s, progress)
     return target, report
 
 
@@ -280,8 +286,8 @@ async def audit_periodically(pipelines: Sequence[Settings], stop: asyncio.Event)
     while interval and not stop.is_set():
         for settings in pipelines:
             try:
-                async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
-                    _, report = await audit_pipeline(conn, settings)
+                async with connect_both(settings, autocommit=True) as dbs:
+                    _, report = await audit_pipeline(dbs, settings)
                 counts = {kind.value: n for kind, n in report.counts().items()}
                 metrics.record_audit(settings.pipeline, counts, report.seconds, time.time())
                 log.info(

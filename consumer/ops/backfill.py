@@ -22,6 +22,7 @@ from psycopg import sql
 from tqdm import tqdm
 
 from consumer.connectors import signal_table_name
+from consumer.databases import Databases
 from consumer.kafka import client_options, read_whole_topic, stop_groupless
 from consumer.schema import source_key
 from consumer.settings import Settings
@@ -37,7 +38,9 @@ QUIET_S = 60.0  # no snapshot row for this long after the last one: Debezium is 
 class BackfillPlan:
     rows: int
     chars: int
-    current: int  # rows that have a vector of the configured model already: no model call for them
+    # rows that have a vector of the configured model already: no model call for them (None: not
+    # counted, the vectors are in another database)
+    current: int | None
     current_chars: int = 0  # their text's size
     price: float | None = None  # USD per million tokens, where the embedder is a priced API
 
@@ -55,6 +58,12 @@ class BackfillPlan:
             if self.price is not None
             else ""
         )
+        if self.current is None:
+            return (
+                f"{self.rows} rows of {settings.source_table}: at most {self.tokens:,} tokens to embed{cost} "
+                "(the vectors are in another database: rows with a current vector were not counted; they "
+                "cost no model call)"
+            )
         return (
             f"{self.rows} rows of {settings.source_table}: {self.rows - self.current} to embed, about "
             f"{self.tokens_to_embed:,} tokens{cost} ({self.tokens:,} tokens in all; {self.current} have a "
@@ -72,11 +81,13 @@ def _condition(where: str | None) -> sql.Composable:
     return sql.SQL(where) if where else sql.SQL("true")
 
 
-async def plan_backfill(
-    conn: psycopg.AsyncConnection[Any], settings: Settings, where: str | None
-) -> BackfillPlan:
-    """How many rows the snapshot would read, their text's size, and how many have a vector already."""
-    settings = await with_recorded_model(conn, settings)
+async def plan_backfill(dbs: Databases, settings: Settings, where: str | None) -> BackfillPlan:
+    """How many rows the snapshot would read, their text's size, and how many have a vector already.
+
+    The last needs the source and the vector table in one database; where the vectors live apart it
+    is not counted (`BackfillPlan.current` None).
+    """
+    settings = await with_recorded_model(dbs.vectors, settings)
     # the condition sees the source table alone, as Debezium's query does
     rows = sql.SQL("(SELECT * FROM {} WHERE {}) s").format(
         sql.Identifier(*settings.source), _condition(where)
@@ -85,9 +96,13 @@ async def plan_backfill(
         sql.SQL("coalesce(length(s.{}::text), 0)").format(sql.Identifier(c))
         for c in settings.text_column_list
     )
+    conn = dbs.source
     cur = await conn.execute(sql.SQL("SELECT count(*), coalesce(sum({}), 0) FROM {}").format(size, rows))
     counted = await cur.fetchone()
     assert counted is not None
+    price = price_of(settings)
+    if dbs.separate:
+        return BackfillPlan(int(counted[0]), int(counted[1]), None, 0, price)
     target = sql.Identifier(*settings.target)
     cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (target.as_string(conn),))
     exists = await cur.fetchone()
@@ -106,7 +121,7 @@ async def plan_backfill(
         )
         found = await cur.fetchone()
         current, current_chars = (int(found[0]), int(found[1])) if found else (0, 0)
-    return BackfillPlan(int(counted[0]), int(counted[1]), current, current_chars, price_of(settings))
+    return BackfillPlan(int(counted[0]), int(counted[1]), current, current_chars, price)
 
 
 def snapshot_signal(settings: Settings, where: str | None) -> dict[str, Any]:

@@ -3,15 +3,18 @@
 - Orphans (a row of the vector table whose source row is gone) become tombstones, in SQL: a tombstone
   and not a deletion, so that a late older event of the key cannot bring the vector back. A streamed
   tombstone: one still marked as a snapshot row (a backfill wrote the orphan) would let any streamed
-  event of the key, however old, win over it (`consumer.sink.guard`). The update
-  only lands where the source row still does not exist (`NOT EXISTS`, read at READ COMMITTED: a row
-  inserted meanwhile commits a change at a higher position, which the sink lets win over the tombstone)
-  and where the row is still at the audited position (a newer write won: nothing to do).
+  event of the key, however old, win over it (`consumer.sink.guard`). Only keys whose source row
+  still does not exist are tombstoned (read just before, from the source database, which may be another
+  one than the vectors'), and only where the row is still at the audited position (a newer write won:
+  nothing to do). A row inserted after that read commits a change at a higher position, which the sink
+  lets win over the tombstone. A chunked pipeline's chunks of a tombstoned key go in the same
+  transaction.
 - Missing, stale and wrong-model keys get a targeted incremental snapshot (`ops.backfill`), so the
   vectors are made by the consumer, under its guards. A snapshot row only replaces a row another model
   wrote, so rows that block it (a stale vector, a tombstone or a cleared row of a key whose source row
   exists) are first released: their model and hash are cleared, still at the audited position and only
-  if the source row exists. Their position stays, so a streamed change keeps its order against them.
+  if the source row exists (read as above; a delete after the read comes with a higher position and
+  tombstones the row). Their position stays, so a streamed change keeps its order against them.
 
 Both updates run under the advisory lock the sink's writes share, so none runs during a TRUNCATE.
 """
@@ -27,8 +30,9 @@ from psycopg import sql
 from psycopg.abc import AdaptContext
 
 from consumer.chunks import ChunkStatements
+from consumer.databases import Databases
 from consumer.events import Key
-from consumer.key_sql import key_params, key_text
+from consumer.key_sql import key_aliases, key_match, key_params, key_text, unnest_keys
 from consumer.ops.audit import AuditReport, AuditTarget, Drift, Finding, by_column
 from consumer.ops.backfill import request_backfill
 from consumer.settings import Settings
@@ -54,40 +58,43 @@ class RepairResult:
 
 
 def _updates(t: AuditTarget) -> tuple[sql.Composed, sql.Composed]:
-    names = [sql.Identifier(c) for c in t.info.key_columns]
-    n = len(names)
-    unnest = sql.SQL(", ").join(sql.Placeholder(f"k{i}") + sql.SQL("::text[]") for i in range(n))
-    aliases = sql.SQL(", ").join(sql.Identifier(f"k{i}") for i in range(n))
-
-    def match(table: str) -> sql.Composable:
-        return sql.SQL(" AND ").join(
-            sql.SQL("{}.{} = u.{}::{}").format(sql.Identifier(table), c, sql.Identifier(f"k{i}"), sql.SQL(k))
-            for i, (c, k) in enumerate(zip(names, t.info.key_types, strict=True))
-        )
-
+    n = len(t.info.key_columns)
     args = {
         "vt": sql.Identifier(*t.target),
-        "st": sql.Identifier(*t.source),
-        "unnest": unnest,
-        "aliases": aliases,
-        "t": match("t"),
-        "s": match("s"),
+        "unnest": unnest_keys("k", n),
+        "aliases": key_aliases(n),
+        "t": key_match("t", t.info),
     }
     tombstone = sql.SQL(
         """UPDATE {vt} AS t SET deleted = true, embedding = NULL, model = NULL, text_sha256 = NULL,
             snapshot = false, updated_at = clock_timestamp()
         FROM unnest({unnest}, %(lsns)s::bigint[]) AS u({aliases}, lsn)
         WHERE {t} AND t.source_lsn = u.lsn AND NOT t.deleted
-            AND NOT EXISTS (SELECT 1 FROM {st} s WHERE {s})
         RETURNING {keys}"""
     ).format(**args, keys=key_text("t", t.info))
     release = sql.SQL(
         """UPDATE {vt} AS t SET deleted = false, model = NULL, text_sha256 = NULL,
             updated_at = clock_timestamp()
         FROM unnest({unnest}, %(lsns)s::bigint[]) AS u({aliases}, lsn)
-        WHERE {t} AND t.source_lsn = u.lsn AND EXISTS (SELECT 1 FROM {st} s WHERE {s})"""
+        WHERE {t} AND t.source_lsn = u.lsn"""
     ).format(**args)
     return tombstone, release
+
+
+async def in_source(conn: psycopg.AsyncConnection[Any], t: AuditTarget, keys: Sequence[Key]) -> set[Key]:
+    """Which of `keys` have a source row now."""
+    if not keys:
+        return set()
+    n = len(t.info.key_columns)
+    query = sql.SQL("SELECT {} FROM {} s JOIN unnest({}) AS u({}) ON {}").format(
+        key_text("s", t.info),
+        sql.Identifier(*t.source),
+        unnest_keys("k", n),
+        key_aliases(n),
+        key_match("s", t.info),
+    )
+    cur = await conn.execute(query, key_params("k", keys, n))
+    return {tuple(row) for row in await cur.fetchall()}
 
 
 def _params(findings: Sequence[Finding], arity: int) -> dict[str, Any]:
@@ -146,28 +153,30 @@ async def in_key_order(conn: psycopg.AsyncConnection[Any], t: AuditTarget, keys:
     return [tuple(row) for row in await cur.fetchall()]
 
 
-async def repair(
-    conn: psycopg.AsyncConnection[Any], settings: Settings, t: AuditTarget, report: AuditReport
-) -> RepairResult:
+async def repair(dbs: Databases, settings: Settings, t: AuditTarget, report: AuditReport) -> RepairResult:
     result = RepairResult()
     arity = len(t.info.key_columns)
-    orphans = report.of(Drift.ORPHANED)
     due = [f for f in report.findings if f.kind is not Drift.ORPHANED]
     blocking = [f for f in due if f.row is not None and f.kind is not Drift.WRONG_MODEL]
+    present = await in_source(dbs.source, t, [f.key for f in report.findings if f.row is not None])
+    orphans = [f for f in report.of(Drift.ORPHANED) if f.key not in present]
+    blocking = [f for f in blocking if f.key in present]
     tombstone, release = _updates(t)
-    async with conn.transaction():
-        await conn.execute(target_lock(t.target_name))
+    vectors = dbs.vectors
+    async with vectors.transaction():
+        await vectors.execute(target_lock(t.target_name))
         if orphans:
-            cur = await conn.execute(tombstone, _params(orphans, arity))
+            cur = await vectors.execute(tombstone, _params(orphans, arity))
             gone = [tuple(row) for row in await cur.fetchall()]
             result.tombstoned = len(gone)
             if gone and settings.chunking == "chunk":
                 chunks = ChunkStatements(settings, t.info)
-                await conn.execute(chunks.delete, key_params("d", gone, arity))
+                await vectors.execute(chunks.delete, key_params("d", gone, arity))
         if blocking:
-            result.released = (await conn.execute(release, _params(blocking, arity))).rowcount
+            result.released = (await vectors.execute(release, _params(blocking, arity))).rowcount
     if due:
-        keys = await in_key_order(conn, t, [f.key for f in due])
-        result.signals.append(await request_backfill(conn, settings, key_filter(conn, t, keys)))
+        # Debezium's filter is run by the source database, so its collation orders the ranges
+        keys = await in_key_order(dbs.source, t, [f.key for f in due])
+        result.signals.append(await request_backfill(dbs.source, settings, key_filter(dbs.source, t, keys)))
         result.snapshot_keys = len(keys)
     return result

@@ -32,6 +32,7 @@ class LocalStack:
         self.pom_root = pom_root
         self.jars: JarDirs = jar_dirs(self.stack_dir)
         self._postgres: EmbeddedPostgres | None = None
+        self._vector_postgres: EmbeddedPostgres | None = None
         self.kafka = EmbeddedKafka(settings, self.jars)
         self.connect = LocalConnect(settings, self.jars)
 
@@ -46,6 +47,17 @@ class LocalStack:
             self._postgres = EmbeddedPostgres(self.settings, progress)
         return self._postgres
 
+    @property
+    def starts_vector_database(self) -> bool:
+        """CDC_STACK_VECTOR_DATABASE: a second embedded Postgres holds the vector tables."""
+        s = self.settings
+        return s.stack_vector_database and s.uses_embedded_postgres and s.vector_database_url is None
+
+    def _vector_pg(self, progress: Progress = silent) -> EmbeddedPostgres:
+        if self._vector_postgres is None:
+            self._vector_postgres = EmbeddedPostgres(self.settings, progress, vectors=True)
+        return self._vector_postgres
+
     # --- up --------------------------------------------------------------------------------------
     def resolve_jars(self, progress: Progress = silent) -> JarDirs:
         return resolve_jars(self.stack_dir, pom_root=self.pom_root, progress=progress)
@@ -58,6 +70,8 @@ class LocalStack:
         self.resolve_jars(progress)
         if self.settings.uses_embedded_postgres:
             self._pg(progress).start(progress)
+            if self.starts_vector_database:
+                self._vector_pg(progress).start(progress)
         else:
             progress(f"postgres: external ({self.settings.redacted_dsn()}), not started here")
         if self.settings.uses_embedded_kafka:
@@ -84,6 +98,8 @@ class LocalStack:
         self.kafka.stop(progress)
         if self.settings.uses_embedded_postgres:
             self.postgres.stop(progress)
+            if self.starts_vector_database or self._vector_state_exists():
+                self._vector_pg(progress).stop(progress)
         leftovers = [c.name for c in self._components() if c.pid() is not None]
         if leftovers:
             raise StackError(
@@ -99,6 +115,8 @@ class LocalStack:
         if self.settings.uses_embedded_postgres:
             # may live outside stack_dir (see EmbeddedPostgres), so removing stack_dir is not enough
             self.postgres.purge()
+            if self._vector_postgres is not None:
+                self._vector_postgres.purge()
         for entry in self.stack_dir.iterdir() if self.stack_dir.exists() else []:
             if entry.name == "jars":
                 continue
@@ -111,10 +129,13 @@ class LocalStack:
     def _postgres_state_exists(self) -> bool:
         return (self.stack_dir / "run" / "postgres.pid").exists() or (self.stack_dir / "postgres").exists()
 
+    def _vector_state_exists(self) -> bool:
+        name = "postgres-vectors"
+        return (self.stack_dir / "run" / f"{name}.pid").exists() or (self.stack_dir / name).exists()
+
     def _components(self) -> list[EmbeddedPostgres | EmbeddedKafka | LocalConnect]:
         components: list[EmbeddedPostgres | EmbeddedKafka | LocalConnect] = [self.connect, self.kafka]
-        if self._postgres is not None:
-            components.append(self._postgres)
+        components += [pg for pg in (self._postgres, self._vector_postgres) if pg is not None]
         return components
 
     def _drop_external_replication(self, progress: Progress) -> None:
@@ -160,6 +181,8 @@ class LocalStack:
                 "url": self.settings.redacted_dsn(),
                 "external": True,
             }
+        if self.starts_vector_database:
+            result["postgres-vectors"] = self._vector_pg().status()
         if self.settings.uses_embedded_kafka:
             result["kafka"] = self.kafka.status()
         else:

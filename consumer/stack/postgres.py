@@ -96,26 +96,30 @@ class EmbeddedPostgres(LocalServer):
     stop_signal = signal.SIGINT
     stop_signal_to_group = False
 
-    def __init__(self, settings: Settings, progress: Progress = silent) -> None:
+    def __init__(self, settings: Settings, progress: Progress = silent, vectors: bool = False) -> None:
+        """`vectors`: the second database of CDC_STACK_VECTOR_DATABASE, for the vector tables alone."""
         self.settings = settings
-        self.port = settings.stack_pg_port
+        self.vectors = vectors
+        self.name = "postgres-vectors" if vectors else "postgres"
+        self.dsn = settings.vector_dsn if vectors else settings.dsn
+        self.port = settings.stack_vector_pg_port if vectors else settings.stack_pg_port
         self.stack_dir = settings.stack_dir.resolve()
-        self.log_file = self.stack_dir / "logs" / "postgres.log"
-        self.pid_file = self.stack_dir / "run" / "postgres.pid"
+        self.log_file = self.stack_dir / "logs" / f"{self.name}.log"
+        self.pid_file = self.stack_dir / "run" / f"{self.name}.pid"
         self.account = _service_account()
         self.bin_dir = _pginstall() / "bin"
-        home = self.stack_dir / "postgres"
+        home = self.stack_dir / self.name
+        # the default instance keeps the places it had before there were two
+        where = str(self.stack_dir / self.name) if vectors else str(self.stack_dir)
         socket_dir = self.stack_dir / "run"
         if self.account is not None and not _can_traverse(self.stack_dir, self.account):
             # The data folder must be reachable by the unprivileged user; rather than loosening the
             # permissions of someone's folders, keep this stack's data where that user can go.
-            home = FALLBACK_ROOT / hashlib.sha256(str(self.stack_dir).encode()).hexdigest()[:12]
+            home = FALLBACK_ROOT / hashlib.sha256(where.encode()).hexdigest()[:12]
             socket_dir = home / "run"
             progress(f"postgres: {SERVICE_USER} cannot reach {self.stack_dir}; data kept in {home} instead")
         if len(str(socket_dir)) > _SOCKET_PATH_MAX:
-            socket_dir = (
-                Path("/tmp") / f"cdc-embedder-{hashlib.sha256(str(self.stack_dir).encode()).hexdigest()[:8]}"
-            )
+            socket_dir = Path("/tmp") / f"cdc-embedder-{hashlib.sha256(where.encode()).hexdigest()[:8]}"
         self.home, self.data_dir, self.socket_dir = home, home / "data", socket_dir
         if self.account is not None and not _can_traverse(self.bin_dir / "postgres", self.account):
             # e.g. a venv under /root: give the service user its own copy of the 41 MB install
@@ -143,7 +147,7 @@ class EmbeddedPostgres(LocalServer):
         return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C", "TZ": "UTC"}
 
     def _initdb(self, progress: Progress) -> None:
-        progress(f"postgres: initdb {self.data_dir}")
+        progress(f"{self.name}: initdb {self.data_dir}")
         run_as = self._run_as()
         with self.log_file.open("ab") as log:
             result = subprocess.run(
@@ -193,7 +197,7 @@ class EmbeddedPostgres(LocalServer):
         return True
 
     def _bootstrap(self) -> None:
-        parts = self.settings.database_parts()
+        parts = self.settings.database_parts(self.dsn)
         user, password, dbname = parts["user"], parts["password"], parts["dbname"]
         with self._admin_connect() as conn:
             if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (user,)).fetchone() is None:
@@ -217,17 +221,18 @@ class EmbeddedPostgres(LocalServer):
         return str(self.data_dir)
 
     def _ports(self) -> list[tuple[int, str, str]]:
-        return [(self.port, "the embedded Postgres", env_name("stack_pg_port"))]
+        setting = "stack_vector_pg_port" if self.vectors else "stack_pg_port"
+        return [(self.port, f"the embedded {self.name}", env_name(setting))]
 
     def _status_details(self) -> dict[str, object]:
-        return {"url": self.settings.redacted_dsn(), "data": str(self.data_dir)}
+        return {"url": self.settings.redacted_dsn(self.dsn), "data": str(self.data_dir)}
 
     def start(self, progress: Progress = silent, timeout_s: float = 60.0) -> None:
         if not self._should_start(progress):
             return
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         self._own(self.home, self.socket_dir)
-        if self.home != self.stack_dir / "postgres":
+        if self.home != self.stack_dir / self.name:
             FALLBACK_ROOT.chmod(0o755)
         if not (self.data_dir / "PG_VERSION").exists():
             self._initdb(progress)
@@ -242,4 +247,4 @@ class EmbeddedPostgres(LocalServer):
         )
         wait_until(self._answers, what="Postgres", timeout_s=timeout_s, log_file=self.log_file, pid=pid)
         self._bootstrap()
-        progress(f"postgres: ready on 127.0.0.1:{self.port} (pid {pid}, data {self.data_dir})")
+        progress(f"{self.name}: ready on 127.0.0.1:{self.port} (pid {pid}, data {self.data_dir})")

@@ -8,6 +8,7 @@ import pytest
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
+from consumer.databases import connect_both
 from consumer.schema import SchemaError, ensure_vector_table
 from consumer.search import search
 from consumer.settings import Settings
@@ -68,9 +69,9 @@ async def test_search_compares_only_vectors_of_its_model(stack: LocalStack, sett
         ]
         await real.sink.write(WriteBatch(writes))
         real.set_model(2, "an older model")  # identical vector, but of another model
-        async with await psycopg.AsyncConnection.connect(table.dsn) as conn:
-            await register_vector_async(conn)
-            hits = await search(conn, table, FakeEmbedder(), query, 5)
+        async with connect_both(table) as dbs:
+            await register_vector_async(dbs.vectors)
+            hits = await search(dbs, table, FakeEmbedder(), query, 5)
         assert [hit.key for hit in hits] == [kt.values(1)]
         assert np.isclose(hits[0].similarity, 1.0)
 

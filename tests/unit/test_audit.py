@@ -7,6 +7,7 @@ import asyncio
 
 import pytest
 
+from consumer.databases import Databases
 from consumer.events import source_row_text
 from consumer.ops.audit import Auditor, AuditReport, AuditTarget, Drift, Finding, VectorRow, audit, classify
 from consumer.ops.repair import FILTER_CHARS, key_filter
@@ -112,7 +113,7 @@ def test_drift_that_resolves_within_the_settle_delay_is_in_flight_not_drift() ->
         [("2", "new", "text")],  # after the delay: row 2 again ...
         [("2", *stored("new\n\ntext"))],  # ... and its vector, now there
     )
-    report = asyncio.run(audit(conn, TARGET, 100, settle_s=10, sleep=sleep))  # type: ignore[arg-type]
+    report = asyncio.run(audit(Databases(conn, conn), TARGET, 100, settle_s=10, sleep=sleep))  # type: ignore[arg-type]
     assert slept == [10] and report.findings == [] and report.settled == 1 and report.source_rows == 2
 
 
@@ -123,20 +124,21 @@ def test_drift_that_stays_is_reported_and_no_drift_means_no_delay() -> None:
     conn = Scripted(
         [("1", "A title", "x")], [("1", *stored(TEXT))], [("1", "A title", "x")], [("1", *stored(TEXT))]
     )
-    report = asyncio.run(audit(conn, TARGET, 100, settle_s=10, sleep=sleep))  # type: ignore[arg-type]
+    report = asyncio.run(audit(Databases(conn, conn), TARGET, 100, settle_s=10, sleep=sleep))  # type: ignore[arg-type]
     assert [(f.key, f.kind) for f in report.findings] == [(("1",), Drift.STALE)] and report.settled == 0
 
     async def never(_: float) -> None:
         raise AssertionError("slept without drift")
 
-    report = asyncio.run(audit(Scripted([], []), TARGET, 100, settle_s=10, sleep=never))  # type: ignore[arg-type]
+    empty = Scripted([], [])
+    report = asyncio.run(audit(Databases(empty, empty), TARGET, 100, settle_s=10, sleep=never))  # type: ignore[arg-type]
     assert report.findings == [] and report.source_rows == 0
 
 
 def test_ranges_follow_each_other_until_a_short_one() -> None:
     seen: list[int] = []
     conn = Scripted([("1", "a", ""), ("2", "b", "")], [], [("3", "c", "")], [])
-    report = asyncio.run(Auditor(conn, TARGET).scan(2, seen.append))  # type: ignore[arg-type]
+    report = asyncio.run(Auditor(Databases(conn, conn), TARGET).scan(2, seen.append))  # type: ignore[arg-type]
     assert seen == [2, 1] and report.counts()[Drift.MISSING] == 3
 
 
