@@ -58,9 +58,8 @@ async def ensure_chunk_table(
             f"needs a table of its own: {_switch_hint()}, or set {env_name('chunking')}=truncate"
         )
     chunks = sql.Identifier(cschema, ctable)
-    await conn.execute(
-        sql.SQL(
-            """
+    create = sql.SQL(
+        """
             CREATE TABLE IF NOT EXISTS {chunks} (
                 {keys},
                 chunk_index integer NOT NULL,
@@ -69,29 +68,36 @@ async def ensure_chunk_table(
                 PRIMARY KEY ({names}, chunk_index),
                 FOREIGN KEY ({names}) REFERENCES {vt} ({names}) ON DELETE CASCADE
             )
-            """
-        ).format(
-            chunks=chunks,
-            keys=sql.SQL(", ").join(
-                sql.SQL("{} {} NOT NULL").format(sql.Identifier(c), sql.SQL(t)) for c, t in info.keys
-            ),
-            dimension=sql.Literal(dimension),
-            names=key_names(info),
-            vt=sql.Identifier(vschema, vtable),
-        )
+        """
+    ).format(
+        chunks=chunks,
+        keys=sql.SQL(", ").join(
+            sql.SQL("{} {} NOT NULL").format(sql.Identifier(c), sql.SQL(t)) for c, t in info.keys
+        ),
+        dimension=sql.Literal(dimension),
+        names=key_names(info),
+        vt=sql.Identifier(vschema, vtable),
     )
-    await conn.execute(
-        sql.SQL(
-            "CREATE INDEX IF NOT EXISTS {name} ON {chunks} USING hnsw (embedding vector_cosine_ops) "
-            "WITH (m = {m}, ef_construction = {ef})"
-        ).format(
-            name=sql.Identifier(f"{ctable}_embedding_hnsw"),
-            chunks=chunks,
-            m=sql.Literal(settings.hnsw_m),
-            ef=sql.Literal(settings.hnsw_ef_construction),
-        )
+    index = sql.SQL(
+        "CREATE INDEX IF NOT EXISTS {name} ON {chunks} USING hnsw (embedding vector_cosine_ops) "
+        "WITH (m = {m}, ef_construction = {ef})"
+    ).format(
+        name=sql.Identifier(f"{ctable}_embedding_hnsw"),
+        chunks=chunks,
+        m=sql.Literal(settings.hnsw_m),
+        ef=sql.Literal(settings.hnsw_ef_construction),
     )
-    await conn.commit()
+    try:
+        await conn.execute(create)
+        await conn.execute(index)
+        await conn.commit()
+    except psycopg.errors.InsufficientPrivilege:
+        await conn.rollback()
+        statements = "; ".join(" ".join(s.as_string(conn).split()) for s in (create, index))
+        raise SchemaError(
+            f"this role may not create the chunk table of {settings.vector_table}: as the schema's owner "
+            f"run {statements}; and grant SELECT, INSERT, UPDATE, DELETE on it to the consumer's role"
+        ) from None
 
 
 class ChunkStatements:

@@ -2,9 +2,21 @@
 -- Run as the owner of the schema (in compose: the postgres superuser, at init), before roles.sql:
 --   psql -v ON_ERROR_STOP=1 -f deploy/sql/schema.sql
 -- The vector column's dimension is the model's: 384 for thenlper/gte-small (the default CDC_MODEL).
+-- Vectors in a database of their own (CDC_VECTOR_DATABASE_URL): run it in each database with its part,
+--   psql -v part=source -f ...   (the source tables)   and   psql -v part=vectors -f ...   (the vectors)
+-- Without `part`, both go into this database.
 
-CREATE EXTENSION IF NOT EXISTS vector;
+\if :{?part}
+\else
+    \set part both
+\endif
+SELECT :'part' IN ('source', 'both') AS source_part, :'part' IN ('vectors', 'both') AS vectors_part \gset
+SELECT :'part' NOT IN ('source', 'vectors', 'both') AS bad_part \gset
+\if :bad_part
+    DO $$ BEGIN RAISE EXCEPTION 'part must be source, vectors or both'; END $$;
+\endif
 
+\if :source_part
 -- The source table Debezium captures. Its primary key is the replica identity, so delete events carry
 -- the key; columns that a change left untouched in TOAST arrive as Debezium's placeholder, and the
 -- consumer reads their current value from this table (hence its SELECT grant in roles.sql).
@@ -23,6 +35,10 @@ CREATE TABLE IF NOT EXISTS public.cdc_embedder_signal (
     type varchar(32) NOT NULL,
     data varchar(2048)
 );
+\endif
+
+\if :vectors_part
+CREATE EXTENSION IF NOT EXISTS vector;
 
 -- The vectors, one row per source row, written only by the consumer (role cdc_embedder). The same
 -- definition as consumer/schema.py's ensure_vector_table (a test compares them): created here, by the
@@ -55,3 +71,4 @@ CREATE TABLE IF NOT EXISTS public.cdc_embedder_targets (
 -- make each vector write cheaper for the database and search recall lower (README, "Benchmarks").
 CREATE INDEX IF NOT EXISTS document_embeddings_embedding_hnsw
     ON public.document_embeddings USING hnsw (embedding vector_cosine_ops) WITH (m = 16, ef_construction = 64);
+\endif

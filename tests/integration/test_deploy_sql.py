@@ -21,6 +21,7 @@ import structlog.testing
 from psycopg import errors
 
 from consumer import schema, targets
+from consumer.chunks import ensure_chunk_table
 from consumer.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,11 +61,12 @@ class Postgres:
             check=False,
         )
 
-    def provision(self, database: str) -> None:
+    def provision(self, database: str, *part: str) -> None:
+        """`part`: ("-v", "part=source") or ("-v", "part=vectors") of a split deployment."""
         created = self.psql("postgres", "-c", f"CREATE DATABASE {database}")
         assert created.returncode == 0, created.stderr
         for args in (["-f", str(SCHEMA_SQL)], [*PASSWORDS, "-f", str(ROLES_SQL)]):
-            result = self.psql(database, *args)
+            result = self.psql(database, *part, *args)
             assert result.returncode == 0, result.stderr
 
 
@@ -249,3 +251,49 @@ async def test_hnsw_options_fill_in_pgvectors_defaults(pg: Postgres) -> None:
         await conn.execute("CREATE INDEX ON public.v USING hnsw (embedding vector_cosine_ops)")
         assert await schema.hnsw_options(conn, "public", "v") == [schema.HNSW_DEFAULTS]
         assert await schema.hnsw_options(conn, "public", "missing") == []
+
+
+def tables(conn: psycopg.Connection[Any]) -> set[str]:
+    rows = conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()
+    return {row[0] for row in rows}
+
+
+async def test_a_split_deployment_reads_the_source_and_writes_only_the_vector_database(pg: Postgres) -> None:
+    """Vectors in a database of their own: each database gets its part of schema.sql and roles.sql,
+    and the consumer starts as cdc_embedder with read access alone on the source."""
+    pg.provision("split_source", "-v", "part=source")
+    pg.provision("split_vectors", "-v", "part=vectors")
+    with (
+        _connect(pg, "postgres", "split_source") as source,
+        _connect(pg, "postgres", "split_vectors") as vectors,
+    ):
+        assert tables(source) == {"documents", "cdc_embedder_signal"}
+        assert tables(vectors) == {"document_embeddings", targets.STATE_TABLE}
+    with _connect(pg, "cdc_embedder", "split_source") as conn:
+        conn.execute("SELECT id, title, body FROM public.documents")
+        conn.execute("INSERT INTO public.cdc_embedder_signal VALUES ('b', 'execute-snapshot', '{}')")
+        _denied(conn, "INSERT INTO public.documents (id) VALUES (1)")
+        _denied(conn, "CREATE TABLE public.document_embeddings (id bigint)")
+    with _connect(pg, "debezium", "split_vectors") as conn:
+        _denied(conn, "SELECT * FROM public.document_embeddings")
+    settings = Settings(
+        database_url=pg.uri("split_source", "cdc_embedder"),
+        vector_database_url=pg.uri("split_vectors", "cdc_embedder"),
+    )
+    async with (
+        await psycopg.AsyncConnection.connect(settings.dsn) as source,
+        await psycopg.AsyncConnection.connect(settings.vector_dsn) as vectors,
+    ):
+        info = await schema.ensure_vector_table(vectors, settings, DIMENSION, source)
+        await targets.ensure_target_state(vectors, settings, settings.model, DIMENSION)
+    assert info.key_columns == ("id",)
+
+
+async def test_chunking_under_least_privilege_names_the_table_to_create(pg: Postgres) -> None:
+    settings = Settings(database_url=pg.uri("cdc", "cdc_embedder"), chunking="chunk")
+    async with await psycopg.AsyncConnection.connect(settings.dsn) as conn:
+        info = await schema.ensure_vector_table(conn, settings, DIMENSION)
+        with pytest.raises(
+            schema.SchemaError, match=r"CREATE TABLE IF NOT EXISTS .*document_embeddings_chunks"
+        ):
+            await ensure_chunk_table(conn, settings, info, DIMENSION)
