@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variant-n", type=int, help="texts per raw-model variant and round")
     bench.add_argument("--rounds", type=int, help="interleaved rounds of the variants (best kept)")
     bench.add_argument("--freshness-s", type=float, help="steady-load duration")
+    bench.add_argument("--chunked-n", type=int, help="longest corpus texts embedded as chunks (0: skip)")
     bench.add_argument("--latency-n", type=int, help="single-row inserts per insert-latency condition")
     bench.add_argument("--latency-rounds", type=int, help="stopped/running rounds the inserts alternate in")
     bench.add_argument("--soak", dest="soak_minutes", type=float, metavar="MINUTES", help="steady load")

@@ -34,6 +34,21 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             )
             for q in ("p50", "p99")
         ),
+        *(
+            (
+                f"insert {q} running / stopped, vectors in another database",
+                _get(result, "insert_latency", f"apart_{q}_ratio"),
+                "<=",
+                1.1,
+            )
+            for q in ("p50", "p99")
+        ),
+        (
+            "chunked tokens/s / raw model on the same chunks",
+            _get(result, "chunked", "ratio_to_raw"),
+            ">=",
+            0.90,
+        ),
         ("consumer peak RSS (GB)", _get(result, "memory", "peak_bytes") / GB, "<=", 1.5),
         ("remote path / the server's own texts/s", _get(result, "remote", "ratio_to_direct"), ">=", 0.90),
     ]
@@ -92,6 +107,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     sections = (
         ("End to end", "end_to_end"),
         ("Remote path (openai backend against infinity-emb)", "remote"),
+        ("Chunked long texts", "chunked"),
         ("Freshness", "freshness"),
         ("Soak", "soak"),
     )
@@ -110,8 +126,9 @@ def render_markdown(result: dict[str, Any]) -> str:
             [[k, v["n"], v["p50"], v["p95"], v["p99"]] for k, v in latency.items() if isinstance(v, dict)],
         )
         lines += [f"- {key.replace('_', ' ')}: {_fmt(latency[key])}"
-                  for key in ("p50_ratio", "p99_ratio", "separate_p50_ratio", "separate_p99_ratio", "rounds",
-                              "layout")
+                  for key in ("p50_ratio", "p99_ratio", "separate_p50_ratio", "separate_p99_ratio",
+                              "apart_p50_ratio", "apart_p99_ratio", "vector_writes_p50_ms",
+                              "vector_writes_p99_ms", "rounds", "layout")
                   if key in latency] + [""]  # fmt: skip
     memory = result.get("memory")
     if memory:

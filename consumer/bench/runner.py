@@ -16,9 +16,10 @@ from typing import Any
 import psycopg
 
 from consumer.bench import model as bm
+from consumer.bench.chunked import chunked_throughput, longest_rows
 from consumer.bench.cpus import split
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
-from consumer.bench.insert_cost import alternating, ratios, separate_cores
+from consumer.bench.insert_cost import alternating, ratios, separate_cores, vectors_apart
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
 from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
@@ -30,12 +31,13 @@ from consumer.settings import Settings
 
 Say = Callable[[str], None]
 # id ranges of the phases, apart from each other
-LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS = (
+LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS, CHUNKED_IDS = (
     1_000_000,
     10_000_000,
     20_000_000,
     30_000_000,
     40_000_000,
+    50_000_000,
 )
 # (name, dtype, token budget, torch threads); 0 threads: the settings' value
 VARIANTS = (
@@ -60,6 +62,7 @@ class BenchArgs:
     latency_rounds: int = 5
     soak_minutes: float = 0.0
     remote_n: int = 1000  # texts for the remote path (openai backend against infinity-emb); 0: skip it
+    chunked_n: int = 20  # the corpus's longest texts, embedded as chunks (CDC_CHUNKING=chunk); 0: skip it
     out: Path = Path("bench-results")
     corpus: Path = bm.CORPUS
     keep_stack: bool = False
@@ -234,7 +237,7 @@ def pipeline_phases(
     connector = load_connector_file()["name"]
     layout = split()
     latency_rows = bm.corpus_rows(
-        args.corpus, (5 if layout else 3) * args.latency_n, skip=40_000, id_base=LATENCY_IDS
+        args.corpus, (7 if layout else 3) * args.latency_n, skip=40_000, id_base=LATENCY_IDS
     )
     capture_rows, rounds_rows = latency_rows[: args.latency_n], iter(latency_rows[args.latency_n :])
     capture_ids = (LATENCY_IDS, LATENCY_IDS + args.latency_n)
@@ -249,6 +252,10 @@ def pipeline_phases(
                 conn, env, connector, list(islice(rounds_rows, 2 * args.latency_n)), args.latency_rounds,
                 args.latency_pace_s, (layout, database, jvms), capture_ids, say,
             )  # fmt: skip
+            latencies |= vectors_apart(
+                conn, env, connector, list(islice(rounds_rows, 2 * args.latency_n)), args.latency_rounds,
+                args.latency_pace_s, (layout, database, jvms), say,
+            )  # fmt: skip
         consumer = ConsumerProcess(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
         sampler = RssSampler(consumer.pid, 10.0 if args.soak_minutes > 0 else 1.0).start()
         try:
@@ -260,7 +267,11 @@ def pipeline_phases(
                 None, say,
             )  # fmt: skip
             latency = ratios(latencies)
-            shown = [f"{k} {latency[k]:.2f}" for k in ("p99_ratio", "separate_p99_ratio") if k in latency]
+            shown = [
+                f"{k} {latency[k]:.2f}"
+                for k in ("p99_ratio", "separate_p99_ratio", "apart_p99_ratio")
+                if k in latency
+            ]
             say(f"  insert p99 running/stopped: {', '.join(shown)}")
             latency["rounds"] = args.latency_rounds
             latency["connector running, no consumer"] = capture_only
@@ -317,6 +328,10 @@ def pipeline_phases(
     }
     final_mb = result["memory"]["final_bytes"] / 2**20
     say(f"consumer RSS peak {sampler.peak / 2**20:.0f} MB, final {final_mb:.0f} MB")
+    if args.soak_minutes <= 0 and args.chunked_n > 0:
+        chunked_rows = longest_rows(args.corpus, args.chunked_n, CHUNKED_IDS)
+        with psycopg.connect(settings.dsn) as conn:
+            result["chunked"] = chunked_throughput(conn, env, chunked_rows, say)
     if args.soak_minutes <= 0 and args.remote_n > 0:  # the local consumer is stopped: the server has the CPUs
         remote_rows = bm.corpus_rows(args.corpus, args.remote_n, skip=30_000, id_base=REMOTE_IDS)
         with psycopg.connect(settings.dsn) as conn:

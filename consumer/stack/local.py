@@ -53,6 +53,10 @@ class LocalStack:
         s = self.settings
         return s.stack_vector_database and s.uses_embedded_postgres and s.vector_database_url is None
 
+    @property
+    def vector_postgres(self) -> EmbeddedPostgres:
+        return self._vector_pg()
+
     def _vector_pg(self, progress: Progress = silent) -> EmbeddedPostgres:
         if self._vector_postgres is None:
             self._vector_postgres = EmbeddedPostgres(self.settings, progress, vectors=True)

@@ -90,12 +90,16 @@ RESULT = {
     },
     "end_to_end": {"texts_per_s": 19.0, "ratio_to_raw": 0.95},
     "remote": {"texts_per_s": 40.0, "direct_texts_per_s": 50.0, "ratio_to_direct": 0.8},
+    "chunked": {"tokens_per_s": 9000.0, "raw_beside_tokens_per_s": 10000.0, "ratio_to_raw": 0.9},
     "freshness": {"freshness_s": {"p50": 0.3, "p95": 0.8, "p99": 1.2}},
     "insert_latency": {
         "running": {"n": 3.0, "p50": 1.0, "p95": 2.0, "p99": 3.0},
         "p99_ratio": 1.05,  # co-located: shown, not the target
         "separate_p50_ratio": 1.02,
         "separate_p99_ratio": 1.5,
+        "apart_p50_ratio": 1.01,
+        "apart_p99_ratio": 1.05,
+        "vector_writes_p50_ms": 0.2,
         "layout": "database and bench client on CPU [0], pipeline on [1]",
     },
     "memory": {"peak_bytes": 1.0 * 2**30, "final_bytes": 0.9 * 2**30},
@@ -110,6 +114,9 @@ def test_targets_pass_and_fail() -> None:
         "freshness p99 at half load (s)": True,
         "insert p50 running / stopped, pipeline on other cores": True,
         "insert p99 running / stopped, pipeline on other cores": False,
+        "insert p50 running / stopped, vectors in another database": True,
+        "insert p99 running / stopped, vectors in another database": True,
+        "chunked tokens/s / raw model on the same chunks": True,
         "consumer peak RSS (GB)": True,
         "remote path / the server's own texts/s": False,
     }
@@ -126,4 +133,6 @@ def test_render_markdown_from_a_fixed_result() -> None:
     assert "- ratio_to_direct: 0.8" in text
     assert "- embed_dtype: float32" in text
     assert "- separate p99 ratio: 1.5" in text
+    assert "- apart p99 ratio: 1.05" in text and "- vector writes p50 ms: 0.2" in text
+    assert "- ratio_to_raw: 0.9" in text
     assert "- layout: database and bench client on CPU [0], pipeline on [1]" in text

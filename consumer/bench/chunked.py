@@ -1,0 +1,87 @@
+"""Chunked embedding of the corpus's longest texts: the pipeline's tokens per second with
+CDC_CHUNKING=chunk, as a ratio to the raw model embedding the same chunks in this process right before
+and right after the pipeline's run (the host drifts too much for runs far apart)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from consumer.bench import model as bm
+from consumer.bench.phases import bulk_throughput
+from consumer.bench.remote import _start_at_end
+from consumer.chunking import Chunker
+from consumer.consumer_process import ConsumerProcess
+from consumer.embedders.local import SentenceTransformerEmbedder
+from consumer.settings import Settings
+
+Say = Callable[[str], None]
+GROUP = "cdc_bench_chunked"  # also the vector table's name
+
+
+def longest_rows(corpus: Path, n: int, id_base: int) -> list[dict[str, Any]]:
+    """Source-table rows of the corpus's `n` longest texts (read in place, never copied)."""
+    with corpus.open() as f:
+        items = sorted((json.loads(line) for line in f), key=lambda d: len(d["text"]), reverse=True)[:n]
+    return [{"id": id_base + i, "title": d["package"], "body": d["text"]} for i, d in enumerate(items)]
+
+
+def chunked_throughput(
+    conn: psycopg.Connection[Any], env: dict[str, str], rows: list[dict[str, Any]], say: Say
+) -> dict[str, float]:
+    chunked_env = {
+        **env,
+        "CDC_CHUNKING": "chunk",
+        "CDC_VECTOR_TABLE": f"public.{GROUP}",
+        "CDC_CONSUMER_GROUP": GROUP,
+    }
+    settings = Settings.from_env_map(chunked_env)
+    embedder = SentenceTransformerEmbedder(settings)
+    tokenizer = embedder.tokenizer()
+    chunker = Chunker(tokenizer, embedder.window, settings.chunk_overlap_tokens)
+    pieces = [piece for text in bm.texts_of(rows, settings) for piece in chunker.split(text)]
+    tokens = sum(len(tokenizer.encode(piece).ids) for piece in pieces)
+
+    def raw(when: str) -> float:
+        say(f"  raw model {when} the pipeline's run: the same {len(pieces)} chunks ({tokens:,} tokens) ...")
+        started = time.perf_counter()
+        embedder.embed(pieces)
+        rate = tokens / (time.perf_counter() - started)
+        say(f"    {rate:,.0f} tokens/s")
+        return rate
+
+    say(
+        f"chunked: the {len(rows)} longest corpus texts, {len(pieces)} chunks of at most "
+        f"{embedder.window} tokens"
+    )
+    embedder.embed(pieces[:4])  # warm-up
+    before = raw("before")
+    asyncio.run(_start_at_end(settings, GROUP, settings.source_topic))
+    consumer = ConsumerProcess(chunked_env, settings.stack_dir / "logs" / "bench-consumer-chunked.log")
+    consumer.start().wait_ready()
+    try:
+        say(f"  pipeline, CDC_CHUNKING=chunk: COPY {len(rows)} rows, waiting for the last document ...")
+        bulk = bulk_throughput(conn, settings, rows, say)
+    finally:
+        consumer.stop()
+    after = raw("after")
+    result = {
+        "documents": float(len(rows)),
+        "chunks": float(len(pieces)),
+        "tokens": float(tokens),
+        "seconds": bulk["seconds"],
+        "tokens_per_s": tokens / bulk["seconds"],
+        "raw_beside_tokens_per_s": (before + after) / 2,
+    }
+    result["ratio_to_raw"] = result["tokens_per_s"] / result["raw_beside_tokens_per_s"]
+    say(
+        f"  chunked {result['tokens_per_s']:,.0f} tokens/s, {result['ratio_to_raw']:.2f} of the raw "
+        "model beside"
+    )
+    return result
