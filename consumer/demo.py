@@ -129,7 +129,7 @@ async def _wait_for_vectors(
     settings: Settings, expected: int, consumer: asyncio.subprocess.Process, say: Say
 ) -> bool:
     started, last = time.monotonic(), -1
-    async with await psycopg.AsyncConnection.connect(settings.dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(settings.vector_dsn, autocommit=True) as conn:
         while consumer.returncode is None:
             try:
                 have = await count_vectors(conn, settings)

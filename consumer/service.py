@@ -65,6 +65,9 @@ async def run_service(
         "starting",
         pipelines=[spec.name for spec in specs],
         database=settings.redacted_dsn(),
+        vector_database=settings.redacted_dsn(settings.vector_dsn)
+        if settings.separate_vector_database
+        else None,
         kafka=settings.bootstrap_servers,
         group=settings.consumer_group,
         http_port=server.server_address[1],
