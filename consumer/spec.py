@@ -124,6 +124,10 @@ class PipelineSpec(_Spec):
             raise ValueError("vector_table must not be the source table")
         if self.hnsw_ef_construction < 2 * self.hnsw_m:
             raise ValueError("hnsw_ef_construction must be at least twice hnsw_m")
+        if self.chunking == "chunk" and not isinstance(self.embedder, LocalEmbedderSpec):
+            raise ValueError(
+                "chunking: chunk needs the model's tokenizer: a local embedder, or chunking: truncate"
+            )
         return self
 
     @classmethod

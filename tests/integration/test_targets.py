@@ -8,6 +8,7 @@ import pytest
 from pgvector.psycopg import register_vector_async
 from psycopg import sql
 
+from consumer.chunks import ensure_chunk_table
 from consumer.databases import connect_both
 from consumer.schema import SchemaError, ensure_vector_table
 from consumer.search import search
@@ -108,3 +109,26 @@ async def test_a_text_column_debezium_sends_in_another_form_is_refused(
             }
         )
         assert (await ensure_vector_table(conn, fine, DIMENSION)).key_columns == ("id",)
+
+
+async def test_a_table_keeps_the_chunking_mode_it_was_filled_in(
+    stack: LocalStack, settings: Settings
+) -> None:
+    """Document vectors of cut texts and of chunked ones are not alike: switching a filled table from one
+    mode to the other is refused, naming what to do instead."""
+    kt = KEY_TYPES["text"]
+    async with postgres_sink(settings, kt, "modes") as whole:
+        write = Write(kt.key_of(1), Kind.VECTOR, 10, False, None, b"h", unit_vector("x"))
+        await whole.sink.write(WriteBatch([write]))
+        chunked = Settings.model_validate(whole.settings.model_dump() | {"chunking": "chunk"})
+        async with await psycopg.AsyncConnection.connect(chunked.dsn) as conn:
+            info = await ensure_vector_table(conn, chunked, DIMENSION)
+            with pytest.raises(SchemaError, match=r"CDC_VECTOR_TABLE to a new table.*backfill"):
+                await ensure_chunk_table(conn, chunked, info, DIMENSION)
+    async with postgres_sink(settings, kt, "modes", chunking="chunk") as filled:
+        truncating = Settings.model_validate(filled.settings.model_dump() | {"chunking": "truncate"})
+        async with await psycopg.AsyncConnection.connect(truncating.dsn) as conn:
+            info = await ensure_vector_table(conn, truncating, DIMENSION)
+            with pytest.raises(SchemaError, match="CDC_CHUNKING=chunk"):
+                await ensure_chunk_table(conn, truncating, info, DIMENSION)
+            await ensure_chunk_table(conn, filled.settings, info, DIMENSION)  # its own mode: fine

@@ -351,3 +351,29 @@ def test_valid_table_names(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
 def test_invalid_table_names(monkeypatch: pytest.MonkeyPatch, variable: str, name: str) -> None:
     with pytest.raises(SettingsError, match=f"{variable}: .*is not a table name like schema.table"):
         load_with(monkeypatch, **{variable: name})
+
+
+def test_chunking_needs_a_local_model_and_an_overlap_under_half_the_window() -> None:
+    with pytest.raises(ValidationError, match="CDC_CHUNKING=chunk needs the model.s tokenizer"):
+        Settings.from_env_map({"CDC_CHUNKING": "chunk", "CDC_EMBEDDER": "openai", "CDC_OPENAI_MODEL": "m"})
+    with pytest.raises(ValidationError, match="CDC_CHUNK_OVERLAP_TOKENS must be under half"):
+        Settings.from_env_map({"CDC_CHUNKING": "chunk", "CDC_CHUNK_OVERLAP_TOKENS": "256"})
+    assert Settings.from_env_map({"CDC_CHUNKING": "chunk"}).chunk_target == (
+        "public",
+        "document_embeddings_chunks",
+    )
+
+
+def test_vectors_in_another_database() -> None:
+    same = Settings.from_env_map({"CDC_DATABASE_URL": "postgresql://u:p@db/app"})
+    assert same.vector_dsn == same.dsn and not same.separate_vector_database
+    apart = Settings.from_env_map(
+        {
+            "CDC_DATABASE_URL": "postgresql://u:p@db/app",
+            "CDC_VECTOR_DATABASE_URL": "postgresql://v:secret@vdb/vec",
+        }
+    )
+    assert apart.separate_vector_database and apart.vector_dsn == "postgresql://v:secret@vdb/vec"
+    assert "secret" not in apart.redacted_dsn(apart.vector_dsn)
+    local = Settings.from_env_map({"CDC_STACK_VECTOR_DATABASE": "true", "CDC_STACK_VECTOR_PG_PORT": "6000"})
+    assert local.vector_dsn == "postgresql://cdc:cdc@127.0.0.1:6000/cdc" and local.separate_vector_database

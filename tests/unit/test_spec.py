@@ -124,6 +124,11 @@ def test_a_command_picks_its_pipeline_by_name(tmp_path: Path) -> None:
             "public.b is a vector_table and a search_view",
         ),
         ("pipelines:\n  a: {source_table: a, vector_table: a2}", "give text_columns or text_template"),
+        (
+            "pipelines:\n  a: {source_table: a, vector_table: b, text_columns: [t], chunking: chunk,\n"
+            "      embedder: {kind: openai, model: m}}",
+            "chunking: chunk needs the model's tokenizer",
+        ),
         ("pipelines: {a: [unclosed", "cannot read"),
         (  # PyYAML alone would keep the second and drop the first without a word
             "pipelines:\n  a: {source_table: a, text_columns: [t], vector_table: a2}\n"
