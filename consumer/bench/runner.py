@@ -329,9 +329,9 @@ def pipeline_phases(
     final_mb = result["memory"]["final_bytes"] / 2**20
     say(f"consumer RSS peak {sampler.peak / 2**20:.0f} MB, final {final_mb:.0f} MB")
     if args.soak_minutes <= 0 and args.chunked_n > 0:
-        chunked_rows = longest_rows(args.corpus, args.chunked_n, CHUNKED_IDS)
+        *chunked_rows, warm_up = longest_rows(args.corpus, args.chunked_n + 1, CHUNKED_IDS)
         with psycopg.connect(settings.dsn) as conn:
-            result["chunked"] = chunked_throughput(conn, env, chunked_rows, say)
+            result["chunked"] = chunked_throughput(conn, env, chunked_rows, [warm_up], say)
     if args.soak_minutes <= 0 and args.remote_n > 0:  # the local consumer is stopped: the server has the CPUs
         remote_rows = bm.corpus_rows(args.corpus, args.remote_n, skip=30_000, id_base=REMOTE_IDS)
         with psycopg.connect(settings.dsn) as conn:
