@@ -276,7 +276,7 @@ class Settings(BaseSettings):
                 f"{env_name('chunking')}=chunk needs the model's tokenizer: use "
                 f"{env_name('embedder')}=local, or {env_name('chunking')}=truncate"
             )
-        if self.chunk_overlap_tokens >= self.max_seq_length // 2:
+        if self.chunking == "chunk" and self.chunk_overlap_tokens >= self.max_seq_length // 2:
             raise ValueError(
                 f"{env_name('chunk_overlap_tokens')} must be under half of {env_name('max_seq_length')}"
             )
