@@ -151,8 +151,8 @@ class PgVectorSink:
         model: str = "",
     ):
         self._pool = pool
-        # the embedder's identity (`Embedder.name`), as in the text hashes; unset: CDC_MODEL's
-        self._model = model or settings.model
+        # the embedder's identity (`Embedder.name`), as in the text hashes; unset: the settings' (CDC_MODEL's)
+        self._model = model or settings.model_identity
         self._text_columns = settings.text_column_list
         self._template = settings.text_template
         self._target = target_name(settings)
