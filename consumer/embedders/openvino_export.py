@@ -27,7 +27,6 @@ from consumer.settings import Settings, env_name
 
 IR_FILE = "model.xml"
 META_FILE = "cdc-embedder-export.json"
-DEFAULT_CALIBRATION_N = 300
 
 
 def model_key(model: str) -> str:
