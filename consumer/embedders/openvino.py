@@ -77,6 +77,8 @@ class OpenVINOEmbedder:
 
     def embed(self, texts: Sequence[str]) -> Embedding:
         texts = list(texts)
+        if not texts:  # the tokenizer fails on no input
+            return Embedding(np.empty((0, self.dimension), dtype=np.float32), 0, 0)
         lengths = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
         tokens = [min(len(ids), self._window) for ids in lengths]
         truncated = sum(len(ids) > self._window for ids in lengths)
