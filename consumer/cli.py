@@ -282,6 +282,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-rounds", type=int, help="stopped/running rounds the inserts alternate in")
     bench.add_argument("--soak", dest="soak_minutes", type=float, metavar="MINUTES", help="steady load")
     bench.add_argument("--remote-n", type=int, help="texts for the remote path (openai backend); 0 skips it")
+    bench.add_argument("--runtime-n", type=int, help="texts per runtime (torch, OpenVINO) and round; 0 skips")
+    bench.add_argument("--calibration-n", type=int, help="corpus texts the bench's int8 models calibrate on")
+    bench.add_argument(
+        "--runtimes-only", action="store_true", help="only torch vs OpenVINO speed and quality; no stack"
+    )
     bench.add_argument("--out", type=Path, help="reports go to OUT/<time>/")
     bench.add_argument("--keep-stack", action="store_true", help="leave the bench stack (.stack-bench) up")
     export = commands.add_parser(
