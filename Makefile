@@ -22,7 +22,7 @@ setup: $(VENV)/.installed system-deps $(BIN)/kustomize $(BIN)/toxiproxy-server $
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[local,dev,bench]'
+	$(BIN)/pip install --quiet -e '.[local,dev,bench,openvino]'
 	touch $@
 
 # prometheus + promtool (Debian) for the observability tests; apt runs only when promtool is missing.

@@ -1,5 +1,5 @@
 """`cdc-embedder`: run the consumer, manage the local stack and the connector, search, replay, backfill,
-audit, demo."""
+audit, demo, export a model to OpenVINO."""
 
 from __future__ import annotations
 
@@ -199,6 +199,35 @@ def _cmd_bench(settings: Settings, args: argparse.Namespace) -> int:
     return run_bench(BenchArgs(**given), say)
 
 
+def _cmd_openvino_export(settings: Settings, args: argparse.Namespace) -> int:
+    from consumer.embedders.openvino_export import cache_folder, calibration_texts, export, read_meta
+    from consumer.spec import pipeline_settings
+
+    settings = pipeline_settings(settings, args.pipeline)
+    quantization = args.quantization or settings.embed_quantization
+    settings = settings.model_copy(update={"embed_runtime": "openvino", "embed_quantization": quantization})
+    folder = cache_folder(settings)
+    if read_meta(folder) is not None and not args.force:
+        say(f"{settings.model_identity} is exported already in {folder} (--force exports it again)")
+        return 0
+    texts: list[str] = []
+    if quantization == "int8":
+        if args.calibration is None:
+            raise SettingsError("an int8 export needs --calibration FILE: texts like the ones to embed")
+        texts = calibration_texts(args.calibration, args.calibration_n)
+        say(f"calibrating on {len(texts)} texts of {args.calibration} ...")
+    say(f"exporting {settings.model} to OpenVINO IR ({'int8' if texts else 'lossless'}) ...")
+    report = export(settings, texts)
+    quantized = f", quantized in {report['quantize_s']:.1f} s" if "quantize_s" in report else ""
+    say(
+        f"exported {settings.model} in {report['convert_s']:.1f} s{quantized}: "
+        f"{report['bytes'] / 2**20:.0f} MB in {folder}; {env_name('embed_runtime')}=openvino"
+        + (f" {env_name('embed_quantization')}=int8" if texts else "")
+        + f" embeds with it, as {settings.model_identity}"
+    )
+    return 0
+
+
 DRIFT_EXIT = 3  # `audit` found drift and was not asked to repair it
 
 
@@ -262,8 +291,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--latency-rounds", type=int, help="stopped/running rounds the inserts alternate in")
     bench.add_argument("--soak", dest="soak_minutes", type=float, metavar="MINUTES", help="steady load")
     bench.add_argument("--remote-n", type=int, help="texts for the remote path (openai backend); 0 skips it")
+    bench.add_argument("--runtime-n", type=int, help="texts per runtime (torch, OpenVINO) and round; 0 skips")
+    bench.add_argument("--calibration-n", type=int, help="corpus texts the bench's int8 models calibrate on")
+    bench.add_argument(
+        "--runtimes-only", action="store_true", help="only torch vs OpenVINO speed and quality; no stack"
+    )
     bench.add_argument("--out", type=Path, help="reports go to OUT/<time>/")
     bench.add_argument("--keep-stack", action="store_true", help="leave the bench stack (.stack-bench) up")
+    export = commands.add_parser(
+        "openvino-export",
+        help="export CDC_MODEL to OpenVINO IR in CDC_OPENVINO_CACHE_DIR, lossless or int8 (calibrated)",
+    )
+    export.add_argument(
+        "--quantization", choices=["none", "int8"], default=None, help="default: CDC_EMBED_QUANTIZATION"
+    )
+    export.add_argument("--calibration", type=Path, default=None, help="int8: texts, a line each, or JSONL")
+    export.add_argument("--calibration-n", type=int, default=300, help="int8: the first N texts of the file")
+    export.add_argument("--force", action="store_true", help="export again over an existing export")
+    export.add_argument("--pipeline", default=None, help="whose model (needed when there are several)")
     return parser
 
 
@@ -278,6 +323,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "audit": _cmd_audit,
     "demo": _cmd_demo,
     "bench": _cmd_bench,
+    "openvino-export": _cmd_openvino_export,
 }
 
 

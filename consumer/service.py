@@ -79,7 +79,7 @@ async def run_service(
         # what reads the vector table by settings (the audit) needs the identity the embedder learnt
         views = [
             Settings.model_validate({**v.model_dump(), "model": embedders[v.pipeline].name})
-            if v.model != embedders[v.pipeline].name
+            if v.model_identity != embedders[v.pipeline].name
             else v
             for v in views
         ]
@@ -148,6 +148,8 @@ async def _load_embedders(
             view.max_seq_length,
             view.embed_dtype,
             view.embed_token_budget,
+            view.embed_runtime,
+            view.embed_quantization,
         )
         if view.embedder == "openai":
             how += (view.openai_spec(),)

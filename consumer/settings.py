@@ -119,6 +119,17 @@ class Settings(BaseSettings):
     embed_token_budget: int = Field(
         default=1024, ge=0, description="Padded tokens per forward pass (length-sorted); 0: one batch."
     )
+    embed_runtime: Literal["torch", "openvino"] = Field(
+        default="torch", description="What runs the local model: torch, or OpenVINO (an exported IR)."
+    )
+    embed_quantization: Literal["none", "int8"] = Field(
+        default="none",
+        description="int8: OpenVINO's static int8 model (`cdc-embedder openvino-export`); another identity.",
+    )
+    openvino_cache_dir: Path = Field(
+        default=Path("~/.cache/cdc-embedder/openvino"),
+        description="Exported OpenVINO models, one folder per model and quantization.",
+    )
     max_text_chars: int = Field(
         default=200_000,
         ge=1,
@@ -288,6 +299,11 @@ class Settings(BaseSettings):
                 f"{env_name('topic_min_insync_replicas')} must not exceed "
                 f"{env_name('topic_replication_factor')}: no write could succeed"
             )
+        if self.embed_quantization != "none" and self.embed_runtime != "openvino":
+            raise ValueError(
+                f"{env_name('embed_quantization')}={self.embed_quantization} needs "
+                f"{env_name('embed_runtime')}=openvino"
+            )
         if self.retry_backoff_initial_s > self.retry_backoff_max_s:
             raise ValueError(
                 f"{env_name('retry_backoff_initial_s')} must not exceed {env_name('retry_backoff_max_s')}"
@@ -323,6 +339,14 @@ class Settings(BaseSettings):
             ) from None
 
     # --- Derived values -------------------------------------------------------------------------
+    @property
+    def model_identity(self) -> str:
+        """The `model` column and text-hash prefix of this embedder's vectors: int8 arithmetic gives other
+        vectors than the model's own, so they are re-embedded (CDC_ON_MODEL_CHANGE) rather than mixed."""
+        if self.embedder == "local" and self.embed_quantization == "int8":
+            return f"{self.model}+int8"
+        return self.model
+
     @property
     def uses_embedded_postgres(self) -> bool:
         return self.database_url is None

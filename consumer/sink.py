@@ -166,8 +166,8 @@ class PgVectorSink:
         self._pool = pool  # of the vector database
         # of the source database, for TOAST lookups only; the same pool where the vectors live there too
         self._source_pool = source_pool or pool
-        # the embedder's identity (`Embedder.name`), as in the text hashes; unset: CDC_MODEL's
-        self._model = model or settings.model
+        # the embedder's identity (`Embedder.name`), as in the text hashes; unset: the settings' (CDC_MODEL's)
+        self._model = model or settings.model_identity
         self._text_columns = settings.text_column_list
         self._template = settings.text_template
         self._target = target_name(settings)

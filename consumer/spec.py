@@ -38,13 +38,21 @@ class LocalEmbedderSpec(_Spec):
     kind: Literal["local"] = "local"
     model: str = DEFAULT_MODEL
     max_seq_length: int = Field(default=512, ge=8)
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # with openvino: its precision hint
     token_budget: int = Field(default=1024, ge=0)
+    runtime: Literal["torch", "openvino"] = "torch"
+    quantization: Literal["none", "int8"] = "none"
+
+    @model_validator(mode="after")
+    def _runtime(self) -> LocalEmbedderSpec:
+        if self.quantization != "none" and self.runtime != "openvino":
+            raise ValueError(f"quantization {self.quantization} needs runtime openvino")
+        return self
 
     @property
     def identity(self) -> str:
         """What the text hash and the stored `model` column say: the same model embeds the same way."""
-        return self.model
+        return f"{self.model}+int8" if self.quantization == "int8" else self.model
 
 
 EmbedderSpec = Annotated[LocalEmbedderSpec | OpenAIEmbedderSpec, Field(discriminator="kind")]
@@ -147,6 +155,8 @@ class PipelineSpec(_Spec):
                 max_seq_length=settings.max_seq_length,
                 dtype=settings.embed_dtype,
                 token_budget=settings.embed_token_budget,
+                runtime=settings.embed_runtime,
+                quantization=settings.embed_quantization,
             ),
             max_text_chars=settings.max_text_chars,
             chunking=settings.chunking,
@@ -189,10 +199,12 @@ def _embedder_fields(embedder: LocalEmbedderSpec | OpenAIEmbedderSpec, process: 
     if isinstance(embedder, LocalEmbedderSpec):
         return {
             "embedder": "local",
-            "model": embedder.identity,
+            "model": embedder.model,  # what to load; Settings.model_identity adds the quantization
             "max_seq_length": embedder.max_seq_length,
             "embed_dtype": embedder.dtype,
             "embed_token_budget": embedder.token_budget,
+            "embed_runtime": embedder.runtime,
+            "embed_quantization": embedder.quantization,
         }
     fields = {f"openai_{k}": v for k, v in embedder.model_dump(exclude={"kind"}).items()}
     # the identity is the `model` of what reads the vector table; without a declared dimension it is

@@ -13,6 +13,7 @@ import numpy as np
 
 from consumer.bench.flops import GTE_SMALL, BertShape, flops_for_lengths, matmul_flops
 from consumer.embedders.local import SentenceTransformerEmbedder, packaged_stand_in_model
+from consumer.embedders.openvino import OpenVINOEmbedder
 from consumer.events import join_text
 from consumer.settings import Settings
 
@@ -86,16 +87,17 @@ def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0
     return folder
 
 
-def token_lengths(embedder: SentenceTransformerEmbedder, texts: Sequence[str]) -> list[int]:
+Local = SentenceTransformerEmbedder | OpenVINOEmbedder  # both tokenise alike: same `_tokenizer`, `window`
+
+
+def token_lengths(embedder: Local, texts: Sequence[str]) -> list[int]:
     tokenizer = embedder._tokenizer
     window = int(embedder.window)
     ids = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
     return [min(len(i), window) for i in ids]
 
 
-def encode_run(
-    embedder: SentenceTransformerEmbedder, texts: Sequence[str], batch: int, shape: BertShape
-) -> dict[str, float]:
+def encode_run(embedder: Local, texts: Sequence[str], batch: int, shape: BertShape) -> dict[str, float]:
     """Embed `texts` in micro-batches of `batch` (as the pipeline feeds the model): rates and FLOP/s."""
     embedder.embed(list(texts[: min(batch, len(texts))]))  # warm-up: first-call allocations, caches
     lengths = token_lengths(embedder, texts)

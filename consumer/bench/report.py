@@ -52,11 +52,36 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         ("consumer peak RSS (GB)", _get(result, "memory", "peak_bytes") / GB, "<=", 1.5),
         ("remote path / the server's own texts/s", _get(result, "remote", "ratio_to_direct"), ">=", 0.90),
     ]
+    if result.get("scope") == "runtimes":  # a run of that phase alone measured nothing else
+        rows = []
+    if "runtimes" in result or result.get("scope") == "runtimes":
+        rows += runtime_targets(result)
     out = []
     for name, value, op, limit in rows:
         ok = not math.isnan(value) and (value >= limit if op == ">=" else value <= limit)
         out.append({"name": name, "value": value, "op": op, "limit": limit, "pass": ok})
     return out
+
+
+def runtime_targets(result: dict[str, Any]) -> list[tuple[str, float, str, float]]:
+    """Issue #17: OpenVINO lossless >= 1.3x and int8 >= 2.5x today's default, each within the quality gate
+    (cosine to fp32 >= 0.99 per text, recall@10 at most 0.01 below fp32's)."""
+    from consumer.bench.runtimes import COSINE_MIN, RECALL_DROP_MAX, SPEED_TARGETS
+
+    rows = []
+    for mode, speed in SPEED_TARGETS.items():
+        gate = ("runtimes", "quality", "modes", mode)
+        rows += [
+            (
+                f"{mode} / default texts/s",
+                _get(result, "runtimes", "modes", mode, "ratio_to_default"),
+                ">=",
+                speed,
+            ),
+            (f"{mode}: min cosine to fp32", _get(result, *gate, "cosine_min"), ">=", COSINE_MIN),
+            (f"{mode}: recall@10 below fp32's", _get(result, *gate, "recall_drop"), "<=", RECALL_DROP_MAX),
+        ]
+    return rows
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
@@ -104,6 +129,7 @@ def render_markdown(result: dict[str, Any]) -> str:
     if gate:
         lines += ["## bf16 quality gate (real-weights stand-in)", ""]
         lines += [f"- {k}: {_fmt(v, 5) if isinstance(v, float) else v}" for k, v in gate.items()] + [""]
+    lines += _runtimes_markdown(result.get("runtimes"))
     sections = (
         ("End to end", "end_to_end"),
         ("Remote path (openai backend against infinity-emb)", "remote"),
@@ -141,6 +167,36 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["", "## Bench arguments", ""]
     lines += [f"- {k}: {v}" for k, v in result.get("args", {}).items()]
     return "\n".join(lines) + "\n"
+
+
+def _runtimes_markdown(runtimes: dict[str, Any] | None) -> list[str]:
+    if not runtimes:
+        return []
+    lines = ["## Runtimes: torch and OpenVINO, same texts, interleaved rounds (best kept)", ""]
+    lines.append(
+        f"- model: {runtimes['model']}; {runtimes['texts']} texts, micro-batches of {runtimes['batch']}"
+    )
+    lines.append("")
+    lines += _table(
+        ["mode", "texts/s", "tokens/s", "x default", "target", "computes in", "identity"],
+        [[name, m["texts_per_s"], m["tokens_per_s"], m["ratio_to_default"], m["target"], m["dtype"],
+          m["identity"]] for name, m in runtimes["modes"].items()],
+    )  # fmt: skip
+    quality = runtimes.get("quality", {})
+    if "modes" in quality:
+        lines += [f"Quality gate on {quality['model']}: {quality['docs']} corpus texts against torch fp32; "
+                  f"{quality['queries']} queries of a text's first {quality['query_words']} words, "
+                  "searched among them all, recall@10 "
+                  f"(fp32: {_fmt(quality['fp32_recall'], 4)})", ""]  # fmt: skip
+        lines += _table(
+            ["mode", "cosine min", "cosine mean", "recall@10", "below fp32", "recall@1", "pass"],
+            [[name, _fmt(g["cosine_min"], 5), _fmt(g["cosine_mean"], 5), g["recall_at_10"], g["recall_drop"],
+              g.get("recall_at_1", math.nan), g["pass"]] for name, g in quality["modes"].items()],
+        )  # fmt: skip
+    exports = {**runtimes.get("exports", {}), **quality.get("exports", {})}
+    lines += [f"- export {name}: {_fmt(e['total_s'])} s ({_fmt(e.get('quantize_s', 0.0))} s quantizing), "
+              f"{_fmt(e['bytes'] / 2**20)} MB" for name, e in exports.items()] + [""]  # fmt: skip
+    return lines
 
 
 def write_report(result: dict[str, Any], folder: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
 from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
 from consumer.bench.remote import remote_path
-from consumer.bench.report import targets, write_report
+from consumer.bench.report import write_report
 from consumer.consumer_process import ConsumerProcess, Samples
 from consumer.embedders.local import SentenceTransformerEmbedder
 from consumer.settings import Settings
@@ -63,6 +63,9 @@ class BenchArgs:
     soak_minutes: float = 0.0
     remote_n: int = 1000  # texts for the remote path (openai backend against infinity-emb); 0: skip it
     chunked_n: int = 20  # the corpus's longest texts, embedded as chunks (CDC_CHUNKING=chunk); 0: skip it
+    runtime_n: int = 500  # texts per runtime (torch, OpenVINO lossless and int8) and round; 0: skip them
+    calibration_n: int = 300  # corpus texts the int8 model is calibrated on
+    runtimes_only: bool = False  # only the runtimes phase: no stack, no pipeline
     out: Path = Path("bench-results")
     corpus: Path = bm.CORPUS
     keep_stack: bool = False
@@ -86,8 +89,14 @@ def run_bench(args: BenchArgs, say: Say) -> int:
     result["settings"]["database_url"] = settings.redacted_dsn()
     say(f"machine: {result['machine']}")
     say(f"results: {folder}")
+    if args.runtimes_only:
+        result["scope"] = "runtimes"
+        result["runtimes"] = runtimes(args, settings, say)
+        return _finish(result, folder, say)
     if args.soak_minutes <= 0:
         model_phases(args, settings, result, say)
+        if args.runtime_n > 0:
+            result["runtimes"] = runtimes(args, settings, say)
     try:
         pipeline_phases(args, env, settings, result, say)
     finally:
@@ -98,7 +107,14 @@ def run_bench(args: BenchArgs, say: Say) -> int:
             from consumer.stack import LocalStack
 
             LocalStack(settings).down(purge=True, progress=say)
-        result["targets"] = targets(result)
+        for path in write_report(result, folder):
+            say(f"wrote {path}")
+    return _finish(result, None, say)
+
+
+def _finish(result: dict[str, Any], folder: Path | None, say: Say) -> int:
+    """Write the report (unless written) and say each target's verdict."""
+    if folder is not None:
         for path in write_report(result, folder):
             say(f"wrote {path}")
     for t in result["targets"]:
@@ -106,6 +122,15 @@ def run_bench(args: BenchArgs, say: Say) -> int:
             f"{'PASS' if t['pass'] else 'FAIL'} {t['name']}: {t['value']:.3g} (target {t['op']} {t['limit']})"
         )
     return 0
+
+
+def runtimes(args: BenchArgs, settings: Settings, say: Say) -> dict[str, Any]:
+    from consumer.bench.runtimes import runtimes_phase
+
+    cache = (args.out / "cache" / "openvino").resolve()
+    return runtimes_phase(
+        args.corpus, settings, cache, args.runtime_n or 500, args.rounds, args.calibration_n, say
+    )
 
 
 def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], say: Say) -> None:

@@ -1,5 +1,6 @@
 """Embedding backends behind one protocol (`base.Embedder`): `local` (sentence-transformers on this
-machine) and `openai` (any OpenAI-compatible server). `build_embedder` picks one from the settings."""
+machine, run by torch or OpenVINO) and `openai` (any OpenAI-compatible server). `build_embedder` picks one
+from the settings."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ def build_embedder(settings: Settings) -> Embedder:
         from consumer.embedders.openai import OpenAIEmbedder
 
         return OpenAIEmbedder(settings.openai_spec())
+    if settings.embed_runtime == "openvino":
+        from consumer.embedders.openvino import OpenVINOEmbedder
+
+        return OpenVINOEmbedder(settings)
     from consumer.embedders.local import SentenceTransformerEmbedder
 
     return SentenceTransformerEmbedder(settings)

@@ -7,7 +7,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -103,13 +103,7 @@ class SentenceTransformerEmbedder:
         self.dimension = int(dimension)
 
     def tokenizer(self) -> Tokenizer:
-        """A copy of the model's tokenizer that counts whole texts (no truncation, no padding)."""
-        from tokenizers import Tokenizer
-
-        counting = Tokenizer.from_str(self._tokenizer.backend_tokenizer.to_str())
-        counting.no_truncation()
-        counting.no_padding()
-        return counting
+        return counting_tokenizer(self._tokenizer)
 
     def embed(self, texts: Sequence[str]) -> Embedding:
         import torch
@@ -137,6 +131,17 @@ class SentenceTransformerEmbedder:
                     processing_kwargs={"text": {"pad_to_multiple_of": self._pad_multiple}},
                 )
         return Embedding(vectors, sum(tokens), truncated)
+
+
+def counting_tokenizer(tokenizer: Any) -> Tokenizer:
+    """A copy of a Hugging Face tokenizer's fast core that counts whole texts (no truncation, no
+    padding), as chunking needs it."""
+    from tokenizers import Tokenizer
+
+    counting = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+    counting.no_truncation()
+    counting.no_padding()
+    return counting
 
 
 def _load(model: str):  # type: ignore[no-untyped-def]

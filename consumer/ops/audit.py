@@ -63,7 +63,7 @@ class AuditTarget:
             settings.target,
             info,
             settings.text_column_list,
-            settings.model,
+            settings.model_identity,
             settings.max_text_chars,
             settings.text_template,
         )

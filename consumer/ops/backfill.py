@@ -67,7 +67,7 @@ class BackfillPlan:
         return (
             f"{self.rows} rows of {settings.source_table}: {self.rows - self.current} to embed, about "
             f"{self.tokens_to_embed:,} tokens{cost} ({self.tokens:,} tokens in all; {self.current} have a "
-            f"vector of {settings.model} already and cost no model call)"
+            f"vector of {settings.model_identity} already and cost no model call)"
         )
 
 
@@ -117,7 +117,7 @@ async def plan_backfill(dbs: Databases, settings: Settings, where: str | None) -
                 "SELECT count(*), coalesce(sum({}), 0) FROM {} JOIN {} v ON {} "
                 "WHERE v.embedding IS NOT NULL AND v.model = %s"
             ).format(size, rows, target, join),
-            (settings.model,),
+            (settings.model_identity,),
         )
         found = await cur.fetchone()
         current, current_chars = (int(found[0]), int(found[1])) if found else (0, 0)

