@@ -17,27 +17,19 @@ from typing import Protocol
 
 from consumer import metrics
 from consumer.batching import collapse
-from consumer.embedders.base import Chunk, Embedder, Embedding, Vector
+from consumer.embedders.base import Chunk, Embedder, Vector
 from consumer.errors import (
-    Backpressure,
-    EmbedderConfigError,
     ErrorClass,
     EventError,
-    TransientEmbedError,
-    classify,
-    describe,
 )
 from consumer.events import Change, Key, Op, Origin, decode, op_label
 from consumer.logs import get_logger
+from consumer.model_calls import ModelCalls
 from consumer.retry import Publisher, RetryPolicy, RetryState, Route
 from consumer.settings import Settings
 from consumer.sink import Kind, Sink, State, Write, WriteBatch, text_hash
-from consumer.standstill import backoff
 
 log = get_logger("cdc_embedder.pipeline")
-# Rate limiting waited out inside one batch, at most; well below aiokafka's max.poll.interval.ms (300 s).
-BACKPRESSURE_IN_PLACE_S = 60.0
-TRANSIENT_ATTEMPTS = 3  # calls of a failing embedding server per batch before its texts are retried
 
 
 class Record(Protocol):
@@ -115,10 +107,6 @@ class BatchReport:
 WRITTEN = frozenset({"embedded", "unchanged", "deleted", "no_text", "table_cleared"})
 
 
-# a text's vector and, in a chunked pipeline, its chunks
-_Embedded = tuple[Vector, tuple[Chunk, ...]]
-
-
 @dataclass(slots=True)
 class _Decoded:
     change: Change
@@ -155,9 +143,10 @@ class BatchProcessor:
         self._sink = sink
         self._publisher = publisher
         self._policy = RetryPolicy(settings)
-        self._executor = executor
         self._key_columns = key_columns
-        self._on_model_stall = on_model_stall
+        self._model = ModelCalls(
+            embedder, executor, settings.model_timeout_s, settings.db_retry_backoff_max_s, on_model_stall
+        )
 
     async def process(self, records: Sequence[Record]) -> BatchReport:
         """Apply the batch. Raises only when the database or broker is unreachable (nothing committed)."""
@@ -290,7 +279,7 @@ class BatchProcessor:
     ) -> list[_Plan]:
         if not to_embed:
             return []
-        embedded, errors = await self._embed_all([t for _, t, _ in to_embed], report)
+        embedded, errors = await self._model.embed_all([t for _, t, _ in to_embed], report)
         plans = []
         for index, (item, text, digest) in enumerate(to_embed):
             result = embedded[index]
@@ -337,121 +326,6 @@ class BatchProcessor:
         report.written_rows += len(second.landed)
         return result.landed | second.landed
 
-    async def _embed_all(
-        self, texts: list[str], report: BatchReport
-    ) -> tuple[list[_Embedded | None], dict[int, tuple[ErrorClass, str]]]:
-        """Embed the batch; returns a vector (and its chunks) or an error (class, reason) per text.
-
-        What a failure means comes from its type (consumer.errors), and only a failure of unknown kind
-        (a local model's exception) makes the batch go text by text so that only the failing ones are
-        retried: rate limits and transient errors of a server concern the request, not a text.
-        - Rejected inputs (the server's 400 for that input alone): only those are dead-lettered, with
-          the server's reason.
-        - `Backpressure` and `TransientEmbedError`: waited out in place, then the same texts are sent
-          again (`_embed_patiently`); a server that keeps failing sends the texts to the retry topic,
-          but one that cannot be reached at all (`unreachable`) holds the batch like a database outage.
-        - `EmbedderConfigError` (key, model, dimension): raised; the batch is held uncommitted, not
-          ready, with the setting to fix logged, and nothing is dead-lettered.
-        - A model call past CDC_MODEL_TIMEOUT_S fails the whole batch at once: its thread cannot be
-          stopped, so calling it again text by text would only queue behind it.
-
-        None of this holds a Kafka transaction open: the batch's transaction is begun by the producer
-        on the client only, and the broker starts its timeout (transaction.timeout.ms) at the first
-        partition or offsets added to it, which `route` and the offsets commit do after the vectors
-        are written. A wait here only delays that start.
-        """
-        started = time.perf_counter()
-        results: list[_Embedded | None] = []
-        errors: dict[int, tuple[ErrorClass, str]] = {}
-        try:
-            embedding = await self._embed_patiently(texts, report)
-            results = self._accepted(embedding, 0, errors, report)
-        except TimeoutError as exc:
-            results = [None] * len(texts)
-            errors = dict.fromkeys(range(len(texts)), (ErrorClass.TIMEOUT, str(exc)))
-        except TransientEmbedError as exc:
-            if exc.unreachable:
-                raise
-            results = [None] * len(texts)
-            errors = dict.fromkeys(range(len(texts)), (classify(exc), describe(exc)))
-        except (Backpressure, EmbedderConfigError):
-            raise
-        except Exception:
-            for index, text in enumerate(texts):
-                try:
-                    single = await self._run_model([text])
-                except (Backpressure, EmbedderConfigError):
-                    raise
-                except TransientEmbedError as exc:
-                    if exc.unreachable:
-                        raise
-                    results.append(None)
-                    errors[index] = (classify(exc), describe(exc))
-                    continue
-                except Exception as exc:
-                    results.append(None)
-                    errors[index] = (classify(exc), f"{type(exc).__name__}: {exc}")
-                    continue
-                results += self._accepted(single, index, errors, report)
-        report.model_s += time.perf_counter() - started
-        return results, errors
-
-    def _accepted(
-        self, embedding: Embedding, first: int, errors: dict[int, tuple[ErrorClass, str]], report: BatchReport
-    ) -> list[_Embedded | None]:
-        """The vectors (and chunks) of texts `first`, `first` + 1, ...; None (and the server's reason in
-        `errors`) for an input the server refused, whose row of zeros must never be written."""
-        self._account(embedding, report)
-        chunks = embedding.chunks or [()] * len(embedding.vectors)
-        results: list[_Embedded | None] = list(zip(embedding.vectors, chunks, strict=True))
-        for index, reason in embedding.rejected.items():
-            results[index] = None
-            errors[first + index] = (ErrorClass.MODEL_REJECTED, reason)
-        return results
-
-    async def _embed_patiently(self, texts: list[str], report: BatchReport) -> Embedding:
-        """The model call, repeated for the same texts while the server rate-limits us (its retry-after)
-        or fails transiently (backoff, TRANSIENT_ATTEMPTS in all).
-
-        The waits are on the event loop, outside the model watchdog (a wait is not a stall). Past
-        BACKPRESSURE_IN_PLACE_S of rate limiting in one batch the `Backpressure` is raised: the consumer
-        then pauses every partition, keeps its group membership (a batch held longer would outlive
-        max.poll.interval.ms) and applies the batch again later.
-        """
-        waited = 0.0
-        delay = 0.0
-        failures = 0
-        while True:
-            try:
-                return await self._run_model(texts)
-            except Backpressure as exc:
-                if waited + exc.retry_after_s > BACKPRESSURE_IN_PLACE_S:
-                    raise
-                log.info("rate limited by the embedding server; waiting", wait_s=exc.retry_after_s)
-                metrics.BACKPRESSURE_SECONDS.inc(exc.retry_after_s)
-                waited += exc.retry_after_s
-                await asyncio.sleep(exc.retry_after_s)
-            except TransientEmbedError as exc:
-                failures += 1
-                if failures >= TRANSIENT_ATTEMPTS:
-                    raise
-                delay = backoff(delay, self._settings.db_retry_backoff_max_s)
-                log.warning("embedding server failed; retrying", cause=describe(exc), wait_s=delay)
-                await asyncio.sleep(delay)
-
-    async def _run_model(self, texts: list[str]) -> Embedding:
-        loop = asyncio.get_running_loop()
-        timeout = self._settings.model_timeout_s
-        try:
-            return await asyncio.wait_for(
-                loop.run_in_executor(self._executor, self._embedder.embed, texts), timeout
-            )
-        except TimeoutError:
-            self._on_model_stall()
-            raise TimeoutError(
-                f"the model took over {timeout:g} s for {len(texts)} texts (CDC_MODEL_TIMEOUT_S)"
-            ) from None
-
     def _freshness(self, item: _Decoded, committed_at: float, report: BatchReport) -> None:
         if item.change.source_ts_ms is None:
             return
@@ -463,19 +337,6 @@ class BatchProcessor:
             else None
         )
         report.freshness.append((report.pipeline, max(committed_at - source_at, 0.0), capture))
-
-    @staticmethod
-    def _account(embedding: Embedding, report: BatchReport) -> None:
-        embedded = len(embedding.vectors) - len(embedding.rejected)
-        report.embedded_texts += embedded
-        metrics.TEXTS_EMBEDDED.labels(pipeline=report.pipeline).inc(embedded)
-        metrics.TOKENS_EMBEDDED.labels(pipeline=report.pipeline).inc(embedding.tokens)
-        metrics.TEXTS_TRUNCATED.labels(pipeline=report.pipeline).inc(embedding.truncated)
-        for chunks in embedding.chunks or ():
-            if chunks:
-                metrics.CHUNKS_PER_DOCUMENT.labels(pipeline=report.pipeline).observe(len(chunks))
-                if len(chunks) > 1:
-                    metrics.CHUNKED_DOCUMENTS.labels(pipeline=report.pipeline).inc()
 
     def _failure(self, record: Record, state: RetryState, error_class: ErrorClass, message: str) -> Failure:
         return Failure(record, state, op_label(record.value), error_class, message)

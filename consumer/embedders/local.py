@@ -109,9 +109,7 @@ class SentenceTransformerEmbedder:
         import torch
 
         texts = list(texts)
-        lengths = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        tokens = [min(len(ids), self.window) for ids in lengths]
-        truncated = sum(len(ids) > self.window for ids in lengths)
+        tokens, truncated = window_tokens(self._tokenizer, texts, self.window)
         if self._token_budget > 0:
             groups = budget_groups(tokens, self._token_budget, self._batch_size)
         else:
@@ -131,6 +129,13 @@ class SentenceTransformerEmbedder:
                     processing_kwargs={"text": {"pad_to_multiple_of": self._pad_multiple}},
                 )
         return Embedding(vectors, sum(tokens), truncated)
+
+
+def window_tokens(tokenizer: Any, texts: list[str], window: int) -> tuple[list[int], int]:
+    """Tokens each text feeds the model (special tokens included, cut at `window`), and how many texts
+    were cut."""
+    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    return [min(n, window) for n in lengths], sum(n > window for n in lengths)
 
 
 def counting_tokenizer(tokenizer: Any) -> Tokenizer:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from consumer.embedders.base import Embedding, ModelLoadError
-from consumer.embedders.local import PAD_TO_MULTIPLE_OF, budget_groups, counting_tokenizer
+from consumer.embedders.local import PAD_TO_MULTIPLE_OF, budget_groups, counting_tokenizer, window_tokens
 from consumer.embedders.openvino_export import IR_FILE, cache_folder, export, read_meta
 from consumer.settings import Settings, env_name
 
@@ -85,9 +85,7 @@ class OpenVINOEmbedder:
         texts = list(texts)
         if not texts:  # the tokenizer fails on no input
             return Embedding(np.empty((0, self.dimension), dtype=np.float32), 0, 0)
-        lengths = self._tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        tokens = [min(len(ids), self.window) for ids in lengths]
-        truncated = sum(len(ids) > self.window for ids in lengths)
+        tokens, truncated = window_tokens(self._tokenizer, texts, self.window)
         if self._token_budget > 0:
             groups = budget_groups(tokens, self._token_budget, self._batch_size)
         else:

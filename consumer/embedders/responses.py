@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 DEFAULT_RETRY_AFTER_S = 1.0  # a 429 that says nothing about when
 MAX_RETRY_AFTER_S = 60.0  # a longer hint is waited in steps, each re-checked with the server
 # A hint of 0 (or a date past) would make a busy loop of 429s that never adds up to the batch's
-# patience (pipeline.BACKPRESSURE_IN_PLACE_S): every wait is at least this long.
+# patience (model_calls.BACKPRESSURE_IN_PLACE_S): every wait is at least this long.
 MIN_RETRY_AFTER_S = 0.1
 _DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|h|m|s)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from consumer import pipeline
+from consumer import model_calls, pipeline
 from consumer.embedders.base import Embedding
 from consumer.errors import Backpressure, Disposition, EmbedderConfigError, TransientEmbedError, diagnose
 from consumer.pipeline import BatchProcessor
@@ -61,7 +61,7 @@ async def test_rate_limits_wait_the_servers_retry_after_and_resend_the_same_batc
 
 
 async def test_a_rate_limit_longer_than_a_batch_can_wait_holds_the_batch() -> None:
-    limit = pipeline.BACKPRESSURE_IN_PLACE_S
+    limit = model_calls.BACKPRESSURE_IN_PLACE_S
     processor, _, publisher = build(Scripted([Backpressure(limit / 2, "429")] * 3))
     with pytest.raises(Backpressure):  # the consumer pauses everything and applies the batch again
         await processor.process([Topic().create(1, 100, "a")])
@@ -74,12 +74,12 @@ async def test_transient_errors_are_retried_in_place_then_go_to_the_retry_topic(
     report = await processor.process([Topic().create(1, 100, "a")])
     assert report.outcomes["embedded"] == 1 and publisher.sent == []
 
-    down = Scripted([TransientEmbedError("503 busy")] * pipeline.TRANSIENT_ATTEMPTS)
+    down = Scripted([TransientEmbedError("503 busy")] * model_calls.TRANSIENT_ATTEMPTS)
     processor, _, publisher = build(down)
     topic = Topic()
     report = await processor.process([topic.create(1, 100, "a"), topic.create(2, 101, "b")])
     assert report.outcomes["retried"] == 2
-    assert len(down.calls) == pipeline.TRANSIENT_ATTEMPTS  # the whole batch each time
+    assert len(down.calls) == model_calls.TRANSIENT_ATTEMPTS  # the whole batch each time
     assert {s.topic for s in publisher.sent} == {RETRY_TOPIC}
     assert publisher.sent[0].header[H_ERROR_CLASS] == b"model_unavailable"
 
@@ -90,7 +90,7 @@ async def test_an_unreachable_server_holds_the_batch_instead_of_routing_its_text
     with pytest.raises(TransientEmbedError) as raised:  # held, paused, and applied again later
         await processor.process([Topic().create(1, 100, "a")])
     assert diagnose(raised.value, Settings()).disposition is Disposition.OUTAGE
-    assert len(down.calls) == pipeline.TRANSIENT_ATTEMPTS
+    assert len(down.calls) == model_calls.TRANSIENT_ATTEMPTS
     assert publisher.sent == [] and sink.rows == {}
 
 
