@@ -51,7 +51,7 @@ def chunked_throughput(
     embedder = SentenceTransformerEmbedder(settings)
     tokenizer = embedder.tokenizer()
     chunker = Chunker(tokenizer, embedder.window, settings.chunk_overlap_tokens)
-    pieces = [piece for text in bm.texts_of(rows, settings) for piece in chunker.split(text)]
+    pieces = [piece for chunks in chunker.split_all(bm.texts_of(rows, settings)) for piece in chunks]
     tokens = sum(len(tokenizer.encode(piece).ids) for piece in pieces)
 
     def raw(when: str) -> float:
