@@ -6,6 +6,7 @@ import os
 import platform
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,31 @@ def machine() -> dict[str, Any]:
     }
 
 
+# Libraries of a CUDA build of torch (PyPI's default on Linux) that the image's CPU-only torch has not:
+# their resident pages are part of a consumer's RSS here and not in the image.
+CUDA_LIBRARY_MARKERS = ("/nvidia/", "libtorch_cuda", "libc10_cuda", "/triton/", "libcu", "libnv")
+
+
+def cuda_library_bytes(pid: int) -> int:
+    """Resident bytes of a process's mappings of CUDA libraries, from /proc/<pid>/smaps; 0 if gone."""
+    try:
+        with open(f"/proc/{pid}/smaps") as smaps:
+            return cuda_rss_of(smaps)
+    except (OSError, ValueError):
+        return 0
+
+
+def cuda_rss_of(smaps: Iterable[str]) -> int:
+    total, counting = 0, False
+    for line in smaps:
+        head = line.split(maxsplit=5)
+        if head and not head[0].endswith(":"):  # a mapping's first line; its path is the 6th field
+            counting = len(head) > 5 and any(m in head[5] for m in CUDA_LIBRARY_MARKERS)
+        elif counting and head[0] == "Rss:":
+            total += int(head[1]) * 1024
+    return total
+
+
 def rss_bytes(pid: int) -> tuple[int, int]:
     """(current RSS, peak RSS) of a process, from /proc/<pid>/status; zeros once it is gone."""
     fields: dict[str, int] = {}
@@ -69,6 +95,7 @@ class RssSampler:
         self.every_s = every_s
         self.samples: list[tuple[float, int]] = []
         self.peak = 0
+        self.cuda_library_bytes = 0
         self._started = time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -92,3 +119,4 @@ class RssSampler:
         self._stop.set()
         self._thread.join(timeout=5)
         self.sample()
+        self.cuda_library_bytes = cuda_library_bytes(self.pid)

@@ -97,6 +97,8 @@ def run_bench(args: BenchArgs, say: Say) -> int:
         model_phases(args, settings, result, say)
         if args.runtime_n > 0:
             result["runtimes"] = runtimes(args, settings, say)
+            for mode in result["runtimes"]["modes"].values():
+                mode["bf16_fraction_of_bound"] = mode["gflops"] / result["matmul"]["bfloat16"]["gflops"]
     try:
         pipeline_phases(args, env, settings, result, say)
     finally:
@@ -183,10 +185,12 @@ def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], sa
     reference["fraction_of_bound"] = reference["achieved_gflops"] / ref_bound
     variants = {f"as configured ({dtype_in_use}, default budget), all N": reference, **variants}
     fp32 = reference if dtype_in_use == "float32" else variants["fp32, token budget 1024"]
+    bf16 = reference if dtype_in_use == "bfloat16" else variants["bf16, token budget 1024"]
     result["matmul"] = matmul
     result["raw"] = {
         "model": str(settings.model), "shape": GTE_SMALL.as_dict(), "texts_per_s": reference["texts_per_s"],
         "tokens_per_s": reference["tokens_per_s"], "fp32_fraction_of_bound": fp32["fraction_of_bound"],
+        "bf16_fraction_of_bound": bf16["fraction_of_bound"],
         "default": "as configured", "variants": variants,
     }  # fmt: skip
     say("bf16 quality gate on the stand-in model ...")
@@ -347,12 +351,16 @@ def pipeline_phases(
     tail = [s for s in samples if s[0] >= samples[-1][0] / 5] if samples else []
     result["memory"] = {
         "peak_bytes": float(sampler.peak),
+        "cuda_library_bytes": float(sampler.cuda_library_bytes),
         "final_bytes": float(samples[-1][1]) if samples else math.nan,
         "slope_mb_per_h": slope([t for t, _ in tail], [r / 2**20 for _, r in tail]) * 3600,
         "samples": samples,
     }
     final_mb = result["memory"]["final_bytes"] / 2**20
-    say(f"consumer RSS peak {sampler.peak / 2**20:.0f} MB, final {final_mb:.0f} MB")
+    say(
+        f"consumer RSS peak {sampler.peak / 2**20:.0f} MB, final {final_mb:.0f} MB, of which "
+        f"{sampler.cuda_library_bytes / 2**20:.0f} MB CUDA libraries (absent with the image's CPU-only torch)"
+    )
     if args.soak_minutes <= 0 and args.chunked_n > 0:
         *chunked_rows, warm_up = longest_rows(args.corpus, args.chunked_n + 1, CHUNKED_IDS)
         with psycopg.connect(settings.dsn) as conn:

@@ -16,6 +16,7 @@ from consumer.bench.flops import (
     percentile,
     slope,
 )
+from consumer.bench.machine import cuda_rss_of
 from consumer.bench.report import render_markdown, targets
 from consumer.embedders.local import budget_groups
 
@@ -84,6 +85,7 @@ RESULT = {
     "raw": {
         "texts_per_s": 20.0,
         "fp32_fraction_of_bound": 0.5,
+        "bf16_fraction_of_bound": 0.55,
         "variants": {
             "v": {"texts_per_s": 20.0, "tokens_per_s": 2000.0, "achieved_gflops": 50.0, "speedup": 1.0}
         },
@@ -102,7 +104,7 @@ RESULT = {
         "vector_writes_p50_ms": 0.2,
         "layout": "database and bench client on CPU [0], pipeline on [1]",
     },
-    "memory": {"peak_bytes": 1.0 * 2**30, "final_bytes": 0.9 * 2**30},
+    "memory": {"peak_bytes": 1.0 * 2**30, "final_bytes": 0.9 * 2**30, "cuda_library_bytes": 150 * 2**20},
 }
 
 
@@ -111,7 +113,9 @@ def test_targets_pass_and_fail() -> None:
     assert by_name == {
         "end-to-end / raw model texts/s": True,
         "model / fp32 matmul FLOP/s": False,
-        "freshness p99 at half load (s)": True,
+        "model as configured / bf16 matmul FLOP/s": True,
+        "OpenVINO lossless / bf16 matmul FLOP/s": False,  # its phase did not run: not measured
+        "freshness p99 at half load (s)": False,
         "insert p50 running / stopped, pipeline on other cores": True,
         "insert p99 running / stopped, pipeline on other cores": False,
         "insert p50 running / stopped, vectors in another database": True,
@@ -130,9 +134,25 @@ def test_render_markdown_from_a_fixed_result() -> None:
     assert "- cpu: Test CPU" in text
     assert "| float32 | 2048 | 100 |" in text
     assert "- peak RSS: 1024 MB" in text
+    assert "- of it, CUDA libraries (the image's CPU-only torch has none): 150 MB" in text
     assert "- ratio_to_direct: 0.8" in text
     assert "- embed_dtype: float32" in text
     assert "- separate p99 ratio: 1.5" in text
     assert "- apart p99 ratio: 1.05" in text and "- vector writes p50 ms: 0.2" in text
     assert "- ratio_to_raw: 0.9" in text
     assert "- layout: database and bench client on CPU [0], pipeline on [1]" in text
+
+
+def test_cuda_library_pages_are_counted_apart() -> None:
+    smaps = [
+        "7f00-7f10 r-xp 00000000 08:01 12 /venv/site-packages/nvidia/cublas/lib/libcublasLt.so.13\n",
+        "Size:   4096 kB\n",
+        "Rss:    1000 kB\n",
+        "7f10-7f20 r-xp 00000000 08:01 13 /venv/lib/python3.11/site-packages/torch/lib/libtorch_cpu.so\n",
+        "Rss:    5000 kB\n",
+        "7f20-7f30 rw-p 00000000 00:00 0\n",
+        "Rss:    7000 kB\n",
+        "7f30-7f40 r-xp 00000000 08:01 14 /venv/lib/python3.11/site-packages/torch/lib/libtorch_cuda.so\n",
+        "Rss:    24 kB\n",
+    ]
+    assert cuda_rss_of(smaps) == (1000 + 24) * 1024
