@@ -286,6 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--variant-n", type=int, help="texts per raw-model variant and round")
     bench.add_argument("--rounds", type=int, help="interleaved rounds of the variants (best kept)")
     bench.add_argument("--freshness-s", type=float, help="steady-load duration")
+    bench.add_argument(
+        "--ab-rounds", type=int, help="rounds of the freshness A/B of consumer policies (0: skip)"
+    )
+    bench.add_argument("--ab-seconds", type=float, help="steady load per A/B policy and round")
     bench.add_argument("--chunked-n", type=int, help="longest corpus texts embedded as chunks (0: skip)")
     bench.add_argument("--latency-n", type=int, help="single-row inserts per insert-latency condition")
     bench.add_argument("--latency-rounds", type=int, help="stopped/running rounds the inserts alternate in")

@@ -86,6 +86,7 @@ def make_consumer(settings: Settings, **overrides: Any) -> AIOKafkaConsumer:
         isolation_level="read_committed",  # retry records of aborted batches are never seen
         metadata_max_age_ms=METADATA_MAX_AGE_MS,
         max_poll_records=settings.batch_max_events,
+        fetch_max_wait_ms=settings.kafka_fetch_max_wait_ms,
         # Kafka's own defaults since 3.0: a busy 2-core machine can starve heartbeats for a few seconds.
         session_timeout_ms=45000,
         heartbeat_interval_ms=3000,

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     kafka_ssl_cafile: Path | None = None
     kafka_ssl_certfile: Path | None = None
     kafka_ssl_keyfile: Path | None = None
+    # Kafka's 500 ms default delayed rows by up to that: a fetch request holds no partition whose records
+    # still wait in the consumer's buffer, so the broker can park it for the full wait while those
+    # partitions fill up (p99 freshness at half load 1.3 s against 0.5 s with 50 ms).
+    kafka_fetch_max_wait_ms: int = Field(
+        default=50,
+        ge=1,
+        description="How long the broker may hold a fetch for new records (fetch.max.wait.ms).",
+    )
     topic_prefix: str = Field(default="cdc", description="Debezium topic.prefix.")
     consumer_group: str = "cdc-embedder"
     connect_url: str | None = Field(default=None, description="Kafka Connect REST URL. Unset: local stack.")

@@ -147,6 +147,7 @@ def render_markdown(result: dict[str, Any]) -> str:
         ("Remote path (openai backend against infinity-emb)", "remote"),
         ("Chunked long texts", "chunked"),
         ("Freshness", "freshness"),
+        ("Freshness A/B: consumer policies alternated, same load (p99 in s)", "freshness_ab"),
         ("Soak", "soak"),
     )
     for title, key in sections:
@@ -192,9 +193,10 @@ def _runtimes_markdown(runtimes: dict[str, Any] | None) -> list[str]:
     )
     lines.append("")
     lines += _table(
-        ["mode", "texts/s", "tokens/s", "x default", "target", "computes in", "identity"],
-        [[name, m["texts_per_s"], m["tokens_per_s"], m["ratio_to_default"], m["target"], m["dtype"],
-          m["identity"]] for name, m in runtimes["modes"].items()],
+        ["mode", "texts/s", "tokens/s", "x default", "target", "of bf16 bound", "computes in", "identity"],
+        [[name, m["texts_per_s"], m["tokens_per_s"], m["ratio_to_default"], m["target"],
+          m.get("bf16_fraction_of_bound", math.nan), m["dtype"], m["identity"]]
+         for name, m in runtimes["modes"].items()],
     )  # fmt: skip
     quality = runtimes.get("quality", {})
     if "modes" in quality:

@@ -19,6 +19,7 @@ from consumer.bench import model as bm
 from consumer.bench.chunked import chunked_throughput, longest_rows
 from consumer.bench.cpus import split
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
+from consumer.bench.freshness_ab import freshness_ab
 from consumer.bench.insert_cost import alternating, ratios, separate_cores, vectors_apart
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
@@ -31,13 +32,14 @@ from consumer.settings import Settings
 
 Say = Callable[[str], None]
 # id ranges of the phases, apart from each other
-LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS, CHUNKED_IDS = (
+LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS, CHUNKED_IDS, AB_IDS = (
     1_000_000,
     10_000_000,
     20_000_000,
     30_000_000,
     40_000_000,
     50_000_000,
+    60_000_000,
 )
 # (name, dtype, token budget, torch threads); 0 threads: the settings' value
 VARIANTS = (
@@ -57,6 +59,8 @@ class BenchArgs:
     variant_n: int = 200
     rounds: int = 3
     freshness_s: float = 120.0
+    ab_rounds: int = 2  # rounds of the freshness A/B (consumer policies alternated); 0: skip it
+    ab_seconds: float = 40.0  # steady load per policy and round
     latency_n: int = 500  # per condition; a p99 from 200 samples is its 2nd-largest: one outlier moved it 50%
     latency_pace_s: float = 0.1
     latency_rounds: int = 5
@@ -361,6 +365,13 @@ def pipeline_phases(
         f"consumer RSS peak {sampler.peak / 2**20:.0f} MB, final {final_mb:.0f} MB, of which "
         f"{sampler.cuda_library_bytes / 2**20:.0f} MB CUDA libraries (absent with the image's CPU-only torch)"
     )
+    if args.soak_minutes <= 0 and args.ab_rounds > 0:
+        ab_rows = cycle_rows(args.corpus, AB_IDS, skip=n_bulk)
+        ab_log = settings.stack_dir / "logs" / "bench-consumer-ab.log"
+        with psycopg.connect(settings.dsn) as conn:
+            result["freshness_ab"] = freshness_ab(
+                conn, env, ab_rows, rate, args.ab_seconds, args.ab_rounds, ab_log, say
+            )
     if args.soak_minutes <= 0 and args.chunked_n > 0:
         *chunked_rows, warm_up = longest_rows(args.corpus, args.chunked_n + 1, CHUNKED_IDS)
         with psycopg.connect(settings.dsn) as conn:

@@ -94,6 +94,7 @@ RESULT = {
     "remote": {"texts_per_s": 40.0, "direct_texts_per_s": 50.0, "ratio_to_direct": 0.8},
     "chunked": {"tokens_per_s": 9000.0, "raw_beside_tokens_per_s": 10000.0, "ratio_to_raw": 0.9},
     "freshness": {"freshness_s": {"p50": 0.3, "p95": 0.8, "p99": 1.2}},
+    "freshness_ab": {"rounds": 2.0, "before": {"p99": 1.2}, "p99_default_to_before": 0.4},
     "insert_latency": {
         "running": {"n": 3.0, "p50": 1.0, "p95": 2.0, "p99": 3.0},
         "p99_ratio": 1.05,  # co-located: shown, not the target
@@ -140,6 +141,7 @@ def test_render_markdown_from_a_fixed_result() -> None:
     assert "- separate p99 ratio: 1.5" in text
     assert "- apart p99 ratio: 1.05" in text and "- vector writes p50 ms: 0.2" in text
     assert "- ratio_to_raw: 0.9" in text
+    assert "- before: p99=1.2" in text and "- p99_default_to_before: 0.4" in text
     assert "- layout: database and bench client on CPU [0], pipeline on [1]" in text
 
 
