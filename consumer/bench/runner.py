@@ -24,6 +24,7 @@ from consumer.bench.insert_cost import alternating, ratios, separate_cores, vect
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
 from consumer.bench.pipeline import bench_env, create_source_table, histogram_buckets
+from consumer.bench.profile import PySpy
 from consumer.bench.remote import remote_path
 from consumer.bench.report import write_report
 from consumer.consumer_process import ConsumerProcess, Samples
@@ -107,7 +108,7 @@ def run_bench(args: BenchArgs, say: Say) -> int:
         pipeline_phases(args, env, settings, result, say)
     finally:
         folder.mkdir(parents=True, exist_ok=True)
-        for log in (settings.stack_dir / "logs").glob("bench-consumer*.log"):  # per-batch timings
+        for log in (settings.stack_dir / "logs").glob("bench-consumer*"):  # per-batch timings, profile
             shutil.copy(log, folder)
         if not args.keep_stack:
             from consumer.stack import LocalStack
@@ -206,7 +207,12 @@ def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], sa
 
 
 def end_to_end(
-    conn: psycopg.Connection[Any], settings: Settings, rows: list[dict[str, Any]], beside: bool, say: Say
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    rows: list[dict[str, Any]],
+    beside: bool,
+    profiler: PySpy,
+    say: Say,
 ) -> dict[str, float]:
     """Bulk throughput of the pipeline; with `beside`, its ratio to the raw model on the same texts.
 
@@ -227,7 +233,13 @@ def end_to_end(
 
     raw = raw_model("before")
     say(f"end to end: COPY {len(rows)} rows, waiting for the last vector ...")
+    profiler.start()
     bulk = bulk_throughput(conn, settings, rows, say)
+    profile = profiler.stop()
+    if profile:
+        shown = ", ".join(f"{name} {share:.1%}" for name, share in profile.items())
+        say(f"  py-spy, the consumer's Python threads busy, share of the wall time: {shown}")
+        bulk |= {f"pyspy_{name.replace(' ', '_')}": share for name, share in profile.items()}
     raw += raw_model("after")
     embedder = None  # its memory back before the load phases
     gc.collect()
@@ -251,6 +263,8 @@ def model_share(before: Samples, after: Samples, bulk: dict[str, float]) -> dict
         "consumer_model_s": model_s,
         "consumer_db_s": db_s,
         "model_busy_fraction": model_s / bulk["seconds"] if bulk["seconds"] > 0 else math.nan,
+        # the vector writes: on shared cores mostly the database's own CPU for the HNSW insert
+        "db_busy_fraction": db_s / bulk["seconds"] if bulk["seconds"] > 0 else math.nan,
         "consumer_model_texts_per_s": model_rate,
         "consumer_model_to_raw": model_rate / bulk["raw_beside_texts_per_s"],
     }
@@ -317,10 +331,12 @@ def pipeline_phases(
             n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)
             bulk_rows = bm.corpus_rows(args.corpus, n_bulk, id_base=BULK_IDS)
             before = consumer.metrics()
-            bulk = end_to_end(conn, settings, bulk_rows, args.soak_minutes <= 0, say)
+            profiler = PySpy(consumer.pid, settings.stack_dir / "logs" / "bench-consumer-bulk.pyspy.txt")
+            bulk = end_to_end(conn, settings, bulk_rows, args.soak_minutes <= 0, profiler, say)
             bulk.update(model_share(before, consumer.metrics(), bulk))
             say(
-                f"  consumer's model busy {bulk['model_busy_fraction']:.0%} of the time, at "
+                f"  consumer's model busy {bulk['model_busy_fraction']:.0%} of the time, its database writes "
+                f"{bulk['db_busy_fraction']:.0%}; the model at "
                 f"{bulk['consumer_model_to_raw']:.2f} of the raw model's speed beside"
             )
             raw = result.get("raw", {}).get("texts_per_s", math.nan)
