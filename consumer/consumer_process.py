@@ -22,6 +22,8 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from consumer.health import METRICS_PATH, READINESS_PATH
+from consumer.metrics import PREFIX
+from consumer.settings import Settings
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 RUN = [sys.executable, "-m", "consumer.cli", "run"]
@@ -53,6 +55,9 @@ def scrape(url: str) -> Samples:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+AUDIT_TIMESTAMP = f"{PREFIX}_audit_last_timestamp_seconds"
 
 
 @dataclass
@@ -105,6 +110,17 @@ class ConsumerProcess:
             return self.probe(READINESS_PATH) == 200
 
         wait_until(ready, timeout_s, "the consumer to be ready")
+        return self
+
+    def wait_audited(self, timeout_s: float = 300) -> ConsumerProcess:
+        """Until the audit a consumer runs at start (CDC_AUDIT_INTERVAL_S) has finished: it reads both
+        tables for about CDC_AUDIT_SETTLE_S, which a measurement of the pipeline must not overlap."""
+
+        def audited() -> bool:
+            return self.metric_sum(AUDIT_TIMESTAMP) > 0
+
+        if Settings.from_env_map(self.env).audit_interval_s > 0:
+            wait_until(audited, timeout_s, "the consumer's start-up audit")
         return self
 
     def metrics(self) -> Samples:

@@ -70,7 +70,7 @@ def chunked_throughput(
     before = raw("before")
     asyncio.run(_start_at_end(settings, GROUP, settings.source_topic))
     consumer = ConsumerProcess(chunked_env, settings.stack_dir / "logs" / "bench-consumer-chunked.log")
-    consumer.start().wait_ready()
+    consumer.start().wait_ready().wait_audited()
     try:
         say(f"  pipeline warm-up: {len(warm_up)} long rows ...")
         bulk_throughput(conn, settings, warm_up, say)

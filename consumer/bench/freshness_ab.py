@@ -46,7 +46,7 @@ def freshness_ab(
             say(f"freshness A/B, round {round_}/{rounds}: {name}, {rate:.1f} rows/s for {seconds:.0f} s ...")
             consumer = ConsumerProcess({**env, **update}, log).start()
             try:
-                consumer.wait_ready()
+                consumer.wait_ready().wait_audited()
                 steady_load(conn, settings, rows, rate, WARM_UP_S, say)
                 steady = steady_load(conn, settings, rows, rate, seconds, say)
             finally:

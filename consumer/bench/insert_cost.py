@@ -114,7 +114,7 @@ def separate_cores(
     log = settings.stack_dir / "logs" / f"bench-consumer-{'apart' if prefix == APART else 'separate'}.log"
     consumer = ConsumerProcess({**env, "CDC_TORCH_THREADS": str(threads)}, log).start()
     try:
-        consumer.wait_ready()
+        consumer.wait_ready().wait_audited()
         say(f"consumer for the {prefix}rounds ready (pid {consumer.pid}, {threads} torch threads)")
         with psycopg.connect(settings.vector_dsn) as vectors:
             if backlog is not None:

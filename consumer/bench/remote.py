@@ -96,7 +96,12 @@ def remote_path(
             return rate
 
         asyncio.run(_start_at_end(remote, GROUP, remote.source_topic))
-        consumer = ConsumerProcess(remote_env, logs / "bench-consumer-remote.log").start().wait_ready()
+        consumer = (
+            ConsumerProcess(remote_env, logs / "bench-consumer-remote.log")
+            .start()
+            .wait_ready()
+            .wait_audited()
+        )
         before = direct("before")
         say(f"  pipeline, openai backend: COPY {len(rows)} rows, waiting for the last vector ...")
         bulk = bulk_throughput(conn, remote, rows, say)

@@ -42,6 +42,7 @@ LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS, CHUNKED_IDS, AB_IDS = (
     50_000_000,
     60_000_000,
 )
+PROFILED_N = 500  # rows of the bulk load py-spy samples
 # (name, dtype, token budget, torch threads); 0 threads: the settings' value
 VARIANTS = (
     ("fp32, one padded batch (before)", "float32", 0, 0),
@@ -207,12 +208,7 @@ def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], sa
 
 
 def end_to_end(
-    conn: psycopg.Connection[Any],
-    settings: Settings,
-    rows: list[dict[str, Any]],
-    beside: bool,
-    profiler: PySpy,
-    say: Say,
+    conn: psycopg.Connection[Any], settings: Settings, rows: list[dict[str, Any]], beside: bool, say: Say
 ) -> dict[str, float]:
     """Bulk throughput of the pipeline; with `beside`, its ratio to the raw model on the same texts.
 
@@ -233,13 +229,7 @@ def end_to_end(
 
     raw = raw_model("before")
     say(f"end to end: COPY {len(rows)} rows, waiting for the last vector ...")
-    profiler.start()
     bulk = bulk_throughput(conn, settings, rows, say)
-    profile = profiler.stop()
-    if profile:
-        shown = ", ".join(f"{name} {share:.1%}" for name, share in profile.items())
-        say(f"  py-spy, the consumer's Python threads busy, share of the wall time: {shown}")
-        bulk |= {f"pyspy_{name.replace(' ', '_')}": share for name, share in profile.items()}
     raw += raw_model("after")
     embedder = None  # its memory back before the load phases
     gc.collect()
@@ -247,6 +237,22 @@ def end_to_end(
     bulk["ratio_to_raw"] = bulk["texts_per_s"] / bulk["raw_beside_texts_per_s"]
     say(f"  end to end {bulk['texts_per_s']:.1f} texts/s, {bulk['ratio_to_raw']:.2f} of the raw model beside")
     return bulk
+
+
+def profiled_bulk(
+    conn: psycopg.Connection[Any], settings: Settings, pid: int, corpus: Path, skip: int, say: Say
+) -> dict[str, float]:
+    """Another bulk load, sampled by py-spy: where the consumer's wall time goes beside its model. Apart
+    from the measured one, as the sampling takes CPU from the consumer on a small machine."""
+    rows = bm.corpus_rows(corpus, PROFILED_N, skip=skip, id_base=BULK_IDS + skip)
+    say(f"py-spy on the consumer: COPY {len(rows)} more rows ...")
+    profiler = PySpy(pid, settings.stack_dir / "logs" / "bench-consumer-bulk.pyspy.txt").start()
+    bulk_throughput(conn, settings, rows, say)
+    shares = profiler.stop()
+    if shares:
+        say("  its Python threads busy, share of the wall time: "
+            + ", ".join(f"{name} {share:.1%}" for name, share in shares.items()))  # fmt: skip
+    return {f"pyspy_{name.replace(' ', '_')}": share for name, share in shares.items()}
 
 
 def model_share(before: Samples, after: Samples, bulk: dict[str, float]) -> dict[str, float]:
@@ -306,7 +312,7 @@ def pipeline_phases(
         consumer = ConsumerProcess(env, settings.stack_dir / "logs" / "bench-consumer.log").start()
         sampler = RssSampler(consumer.pid, 10.0 if args.soak_minutes > 0 else 1.0).start()
         try:
-            consumer.wait_ready()
+            consumer.wait_ready().wait_audited()
             say(f"consumer ready (pid {consumer.pid}); warm-up ...")
             wait_embedded(conn, settings, *capture_ids, 300, say)
             latencies |= alternating(
@@ -331,9 +337,10 @@ def pipeline_phases(
             n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)
             bulk_rows = bm.corpus_rows(args.corpus, n_bulk, id_base=BULK_IDS)
             before = consumer.metrics()
-            profiler = PySpy(consumer.pid, settings.stack_dir / "logs" / "bench-consumer-bulk.pyspy.txt")
-            bulk = end_to_end(conn, settings, bulk_rows, args.soak_minutes <= 0, profiler, say)
+            bulk = end_to_end(conn, settings, bulk_rows, args.soak_minutes <= 0, say)
             bulk.update(model_share(before, consumer.metrics(), bulk))
+            if args.soak_minutes <= 0:
+                bulk |= profiled_bulk(conn, settings, consumer.pid, args.corpus, n_bulk, say)
             say(
                 f"  consumer's model busy {bulk['model_busy_fraction']:.0%} of the time, its database writes "
                 f"{bulk['db_busy_fraction']:.0%}; the model at "
