@@ -398,7 +398,7 @@ def pipeline_phases(
     if args.soak_minutes <= 0 and args.chunked_n > 0:
         *chunked_rows, warm_up = longest_rows(args.corpus, args.chunked_n + 1, CHUNKED_IDS)
         with psycopg.connect(settings.dsn) as conn:
-            result["chunked"] = chunked_throughput(conn, env, chunked_rows, [warm_up], say)
+            result["chunked"] = chunked_throughput(conn, env, chunked_rows, [warm_up], args.rounds, say)
     if args.soak_minutes <= 0 and args.remote_n > 0:  # the local consumer is stopped: the server has the CPUs
         remote_rows = bm.corpus_rows(args.corpus, args.remote_n, skip=30_000, id_base=REMOTE_IDS)
         with psycopg.connect(settings.dsn) as conn:
