@@ -87,14 +87,12 @@ def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0
     return folder
 
 
-Local = SentenceTransformerEmbedder | OpenVINOEmbedder  # both tokenise alike: same `_tokenizer`, `window`
+Local = SentenceTransformerEmbedder | OpenVINOEmbedder  # both tokenise alike: same tokenizer, `window`
 
 
 def token_lengths(embedder: Local, texts: Sequence[str]) -> list[int]:
-    tokenizer = embedder._tokenizer
     window = int(embedder.window)
-    ids = tokenizer(list(texts), add_special_tokens=True, truncation=False)["input_ids"]
-    return [min(len(i), window) for i in ids]
+    return [min(len(e.ids), window) for e in embedder.tokenizer().encode_batch(list(texts))]
 
 
 def encode_run(embedder: Local, texts: Sequence[str], batch: int, shape: BertShape) -> dict[str, float]:

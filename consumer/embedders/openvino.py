@@ -9,21 +9,23 @@ the lossless IR keeps the model's identity while int8 is named apart (`Settings.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from consumer.embedders.base import Embedding, ModelLoadError
-from consumer.embedders.local import PAD_TO_MULTIPLE_OF, budget_groups, counting_tokenizer, window_tokens
-from consumer.embedders.openvino_export import IR_FILE, cache_folder, export, read_meta
+from consumer.embedders.local import PAD_TO_MULTIPLE_OF, budget_groups
+from consumer.embedders.openvino_export import IR_FILE, cache_folder, export_apart, read_meta
 from consumer.settings import Settings, env_name
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    from tokenizers import Encoding, Tokenizer
 
 log = logging.getLogger(__name__)
 _PRECISIONS = {"auto": None, "float32": "f32", "bfloat16": "bf16"}
@@ -33,9 +35,7 @@ _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 class OpenVINOEmbedder:
     def __init__(self, settings: Settings) -> None:
         import openvino as ov
-        from transformers import AutoTokenizer
 
-        logging.getLogger("transformers.tokenization_utils_base").setLevel(logging.ERROR)
         self.name = settings.model_identity
         folder = cache_folder(settings)
         meta = read_meta(folder)
@@ -47,7 +47,7 @@ class OpenVINOEmbedder:
                     f"(same {env_name('model')} and {env_name('openvino_cache_dir')})"
                 )
             log.info("exporting %s to OpenVINO IR in %s (first use)", settings.model, folder)
-            export(settings)
+            export_apart(settings)
             meta = read_meta(folder)
             if meta is None:
                 raise ModelLoadError(f"the OpenVINO export of {settings.model!r} left no model in {folder}")
@@ -59,7 +59,7 @@ class OpenVINOEmbedder:
             config["INFERENCE_PRECISION_HINT"] = hint
         try:
             self._compiled = ov.Core().compile_model(folder / IR_FILE, "CPU", config)
-            self._tokenizer = AutoTokenizer.from_pretrained(str(folder))
+            self._counting, self._feeding, self._pad_id = _tokenizers(folder)
         except Exception as exc:
             raise ModelLoadError(
                 f"cannot load the OpenVINO model in {folder} ({exc}): delete the folder to export it again, "
@@ -71,6 +71,7 @@ class OpenVINOEmbedder:
         self.window = min(settings.max_seq_length, int(meta["max_seq_length"]))
         # the tokenizer refuses a padding multiple that does not divide the window
         self._pad_multiple = math.gcd(PAD_TO_MULTIPLE_OF, self.window)
+        self._feeding.enable_truncation(self.window)
         self._inputs = [port.get_any_name() for port in self._compiled.inputs]
         self._request = self._compiled.create_infer_request()
         self._lock = threading.Lock()  # one request: `search` or the bench may call from another thread
@@ -79,13 +80,16 @@ class OpenVINOEmbedder:
         self._warm_up()
 
     def tokenizer(self) -> Tokenizer:
-        return counting_tokenizer(self._tokenizer)
+        from tokenizers import Tokenizer
+
+        return Tokenizer.from_str(self._counting.to_str())
 
     def embed(self, texts: Sequence[str]) -> Embedding:
         texts = list(texts)
         if not texts:  # the tokenizer fails on no input
             return Embedding(np.empty((0, self.dimension), dtype=np.float32), 0, 0)
-        tokens, truncated = window_tokens(self._tokenizer, texts, self.window)
+        lengths = [len(e.ids) for e in self._counting.encode_batch(texts)]
+        tokens, truncated = [min(n, self.window) for n in lengths], sum(n > self.window for n in lengths)
         if self._token_budget > 0:
             groups = budget_groups(tokens, self._token_budget, self._batch_size)
         else:
@@ -96,13 +100,10 @@ class OpenVINOEmbedder:
             vectors[group] = self._forward([texts[i] for i in group])
         return Embedding(vectors, sum(tokens), truncated)
 
-    def _forward(self, texts: list[str], length: int | None = None) -> np.ndarray[Any, Any]:
-        padding: dict[str, Any] = (
-            {"padding": "max_length", "max_length": length}
-            if length
-            else {"padding": True, "max_length": self.window, "pad_to_multiple_of": self._pad_multiple}
-        )
-        batch = self._tokenizer(texts, truncation=True, return_tensors="np", **padding)
+    def _forward(self, texts: list[str]) -> np.ndarray[Any, Any]:
+        return self._infer(self._batch(self._feeding.encode_batch(texts)))
+
+    def _infer(self, batch: dict[str, np.ndarray[Any, Any]]) -> np.ndarray[Any, Any]:
         with self._lock:
             hidden = self._request.infer({name: batch[name] for name in self._inputs})[0]
             # fp32 pooling, whatever the IR computed in: as sentence-transformers pools under autocast
@@ -112,11 +113,51 @@ class OpenVINOEmbedder:
         vectors: np.ndarray[Any, Any] = (pooled / norms).astype(np.float32)
         return vectors
 
+    def _batch(self, encodings: Sequence[Encoding]) -> dict[str, np.ndarray[Any, Any]]:
+        """The model's inputs as the torch backend's tokenizer call pads them: on the right, to a multiple
+        of `_pad_multiple`, with the pad token and a zero mask."""
+        longest = max(len(e.ids) for e in encodings)
+        batch = self._inputs_of((len(encodings), -(-longest // self._pad_multiple) * self._pad_multiple))
+        batch["attention_mask"][:] = 0
+        for row, encoding in enumerate(encodings):
+            n = len(encoding.ids)
+            batch["input_ids"][row, :n] = encoding.ids
+            batch["attention_mask"][row, :n] = 1
+            batch["token_type_ids"][row, :n] = encoding.type_ids
+        return batch
+
+    def _inputs_of(self, shape: tuple[int, int]) -> dict[str, np.ndarray[Any, Any]]:
+        """Inputs of this shape, all pad tokens under a full mask."""
+        return {
+            "input_ids": np.full(shape, self._pad_id, dtype=np.int64),
+            "attention_mask": np.ones(shape, dtype=np.int64),
+            "token_type_ids": np.zeros(shape, dtype=np.int64),
+        }
+
     def _warm_up(self) -> None:
         """The first inference of each input shape runs ~30% slower (kernels made for it): pay that at
         load, for the padded lengths the token budget's groups take."""
         length = self._pad_multiple
         while length <= self.window:
             size = max(1, min(self._batch_size, self._token_budget // length if self._token_budget else 1))
-            self._forward(["warm up " * length] * size, length=length)
+            self._infer(self._inputs_of((size, length)))
             length *= 2
+
+
+def _tokenizers(folder: Path) -> tuple[Tokenizer, Tokenizer, int]:
+    """The export's fast tokenizer twice, one counting whole texts and one to cut for the model, and its
+    pad id. The `tokenizers` core alone: transformers' AutoTokenizer imports torch (about 700 MB of RSS)
+    into a process that never runs it."""
+    from tokenizers import Tokenizer
+
+    counting = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    counting.no_truncation()
+    counting.no_padding()
+    feeding = Tokenizer.from_str(counting.to_str())
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    pad = config.get("pad_token")
+    pad_token = pad.get("content") if isinstance(pad, dict) else pad
+    pad_id = counting.token_to_id(pad_token) if isinstance(pad_token, str) else None
+    if pad_id is None:
+        raise ModelLoadError(f"the tokenizer in {folder} names no pad token that it knows")
+    return counting, feeding, pad_id

@@ -5,6 +5,8 @@ No Kafka or Postgres: the model alone. The corpus is read in place (tests.harnes
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -124,8 +126,42 @@ def test_the_export_is_cached_and_loaded_without_exporting_again(
     def no_export(*_: object) -> None:
         raise AssertionError("exported again")
 
-    monkeypatch.setattr("consumer.embedders.openvino.export", no_export)
+    monkeypatch.setattr("consumer.embedders.openvino.export_apart", no_export)
     again = OpenVINOEmbedder(settings)
     assert ir.stat().st_mtime_ns == written
     text = ["the same text, the same vector"]
     assert np.allclose(again.embed(text).vectors, lossless.embed(text).vectors, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [16, 512])
+def test_in_fp32_the_ir_gives_torchs_vectors(
+    lossless: Embedder, cache: Path, texts: list[str], window: int
+) -> None:
+    # Identical within float error only if the model reads the same tokens: cut at the same place with
+    # the closing special token kept, padded alike (the IR is fed by `tokenizers` alone, not transformers)
+    batch = [*texts[:40], "", "word " * 600, "Ünïcödé, 日本語 and emoji 🙂 in one text"]
+    fields = {"max_seq_length": window, "embed_dtype": "float32"}
+    torch_fp32 = SentenceTransformerEmbedder(settings_for(cache, **fields)).embed(batch).vectors
+    openvino_fp32 = OpenVINOEmbedder(settings_for(cache, embed_runtime="openvino", **fields)).embed(batch)
+    assert float(np.abs(openvino_fp32.vectors - torch_fp32).max()) < 1e-4
+
+
+def test_a_process_embedding_on_openvino_never_imports_torch(tmp_path: Path) -> None:
+    # torch and sentence-transformers are about 700 MB of a consumer's RSS; an exported model needs neither,
+    # and the export on first use (it needs them) runs in a process of its own
+    cache = tmp_path / "first-use"
+    script = (
+        "import sys\n"
+        "from consumer.embedders import build_embedder\n"
+        "from consumer.settings import Settings\n"
+        f"s = Settings.model_validate({{'model': {str(packaged_stand_in_model())!r}, "
+        f"'openvino_cache_dir': {str(cache)!r}, 'embed_runtime': 'openvino'}})\n"
+        "e = build_embedder(s)\n"
+        "assert e.embed(['a text', '']).vectors.shape == (2, 384)\n"
+        "assert len(e.tokenizer().encode('a text').ids) == 4\n"
+        "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().splitlines()[-1] == "[]"
+    assert (cache_folder(settings_for(cache, embed_runtime="openvino")) / IR_FILE).is_file()
