@@ -127,8 +127,10 @@ class Settings(BaseSettings):
     embed_token_budget: int = Field(
         default=1024, ge=0, description="Padded tokens per forward pass (length-sorted); 0: one batch."
     )
-    embed_runtime: Literal["torch", "openvino"] = Field(
-        default="torch", description="What runs the local model: torch, or OpenVINO (an exported IR)."
+    embed_runtime: Literal["auto", "torch", "openvino"] = Field(
+        default="auto",
+        description="What runs the local model: OpenVINO (an exported IR) or torch; auto: OpenVINO where "
+        "the model can be exported (a transformer with mean pooling), else torch.",
     )
     embed_quantization: Literal["none", "int8"] = Field(
         default="none",

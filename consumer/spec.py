@@ -40,7 +40,7 @@ class LocalEmbedderSpec(_Spec):
     max_seq_length: int = Field(default=512, ge=8)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # with openvino: its precision hint
     token_budget: int = Field(default=1024, ge=0)
-    runtime: Literal["torch", "openvino"] = "torch"
+    runtime: Literal["auto", "torch", "openvino"] = "auto"
     quantization: Literal["none", "int8"] = "none"
 
     @model_validator(mode="after")

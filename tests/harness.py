@@ -35,6 +35,8 @@ FLAKY_CONSUMER = Path(__file__).with_name("flaky_consumer.py")
 PORT_SHIFT = int(os.environ.get("CDC_TEST_PORT_SHIFT", "0"))
 STACK_ENV = {
     "CDC_STACK_DIR": str(REPO / ".stack-test"),
+    # the default runtime exports each model the tests load: into the test stack, made anew with it
+    "CDC_OPENVINO_CACHE_DIR": str(REPO / ".stack-test" / "openvino"),
     "CDC_STACK_PG_PORT": str(55439 + PORT_SHIFT),
     "CDC_STACK_VECTOR_PG_PORT": str(55449 + PORT_SHIFT),  # started by the tests that ask for it
     "CDC_STACK_KAFKA_PORT": str(29092 + PORT_SHIFT),

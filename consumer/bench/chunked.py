@@ -18,7 +18,6 @@ from consumer.bench.phases import bulk_throughput
 from consumer.bench.remote import _start_at_end
 from consumer.chunking import Chunker
 from consumer.consumer_process import ConsumerProcess
-from consumer.embedders.local import SentenceTransformerEmbedder
 from consumer.settings import Settings
 
 Say = Callable[[str], None]
@@ -55,7 +54,7 @@ def chunked_throughput(
         "CDC_CONSUMER_GROUP": GROUP,
     }
     settings = Settings.from_env_map(chunked_env)
-    embedder = SentenceTransformerEmbedder(settings)
+    embedder = bm.local_embedder(settings)
     tokenizer = embedder.tokenizer()
     chunker = Chunker(tokenizer, embedder.window, settings.chunk_overlap_tokens)
     pieces = [piece for chunks in chunker.split_all(bm.texts_of(rows, settings)) for piece in chunks]

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from consumer.bench.flops import GTE_SMALL, BertShape, flops_for_lengths, matmul_flops
+from consumer.embedders import build_embedder
 from consumer.embedders.local import SentenceTransformerEmbedder, packaged_stand_in_model
 from consumer.embedders.openvino import OpenVINOEmbedder
 from consumer.events import join_text
@@ -88,6 +89,14 @@ def build_random_model(folder: Path, shape: BertShape = GTE_SMALL, seed: int = 0
 
 
 Local = SentenceTransformerEmbedder | OpenVINOEmbedder  # both tokenise alike: same tokenizer, `window`
+
+
+def local_embedder(settings: Settings) -> Local:
+    """The local model as a consumer with these settings runs it (torch or OpenVINO)."""
+    embedder = build_embedder(settings)
+    if not isinstance(embedder, SentenceTransformerEmbedder | OpenVINOEmbedder):
+        raise TypeError(f"{settings.embedder} is not a local model")
+    return embedder
 
 
 def token_lengths(embedder: Local, texts: Sequence[str]) -> list[int]:

@@ -85,7 +85,7 @@ def runtime_targets(result: dict[str, Any]) -> list[tuple[str, float, str, float
         gate = ("runtimes", "quality", "modes", mode)
         rows += [
             (
-                f"{mode} / default texts/s",
+                f"{mode} / torch texts/s",
                 _get(result, "runtimes", "modes", mode, "ratio_to_default"),
                 ">=",
                 speed,

@@ -142,8 +142,10 @@ def runtimes(args: BenchArgs, settings: Settings, say: Say) -> dict[str, Any]:
 
 
 def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], say: Say) -> None:
+    """torch's variants against the matmul bounds (OpenVINO's figures are the runtimes phase's)."""
     import torch
 
+    settings = settings.model_copy(update={"embed_runtime": "torch"})
     say("matmul bound: fp32, bf16 ...")
     matmul = {d: bm.matmul_bound(d) for d in ("float32", "bfloat16")}
     say(f"  fp32 {matmul['float32']['gflops']:.0f} GFLOP/s, bf16 {matmul['bfloat16']['gflops']:.0f} GFLOP/s")
@@ -151,7 +153,7 @@ def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], sa
     texts = bm.texts_of(rows, settings)
     configured = SentenceTransformerEmbedder(settings)
     dtype_in_use = configured.dtype
-    say(f"raw model: {args.n} texts, as configured (dtype {settings.embed_dtype}: {dtype_in_use}) ...")
+    say(f"raw model on torch: {args.n} texts (dtype {settings.embed_dtype}: {dtype_in_use}) ...")
     reference = bm.encode_run(configured, texts, settings.batch_max_events, GTE_SMALL)
     say(f"  {reference['texts_per_s']:.1f} texts/s, {reference['tokens_per_s']:.0f} tokens/s")
     threads = torch.get_num_threads()
@@ -217,7 +219,7 @@ def end_to_end(
     third between runs, only a measurement beside the pipeline's compares like with like.
     """
     texts = bm.texts_of(rows, settings)
-    embedder = SentenceTransformerEmbedder(settings) if beside else None
+    embedder = bm.local_embedder(settings) if beside else None
 
     def raw_model(when: str) -> list[float]:
         if embedder is None:

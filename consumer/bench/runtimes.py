@@ -26,7 +26,7 @@ from consumer.embedders.openvino_export import cache_folder, export, read_meta
 from consumer.settings import Settings
 
 Say = Callable[[str], None]
-DEFAULT = "torch, as configured (dtype auto, token budget)"
+DEFAULT = "torch (dtype auto, token budget)"  # the baseline of issue #17: the default until 2026-12-05
 MODES: dict[str, dict[str, Any]] = {
     "torch fp32": {"embed_runtime": "torch", "embed_dtype": "float32"},
     DEFAULT: {"embed_runtime": "torch"},
@@ -72,7 +72,7 @@ def runtimes_phase(
     del embedders
     gc.collect()
     for name, mode in modes.items():
-        say(f"  {name}: {mode['texts_per_s']:.1f} texts/s, {mode['ratio_to_default']:.2f}x the default")
+        say(f"  {name}: {mode['texts_per_s']:.1f} texts/s, {mode['ratio_to_default']:.2f}x torch")
     return {
         "model": str(settings.model),
         "texts": len(texts),

@@ -4,8 +4,12 @@ from the settings."""
 
 from __future__ import annotations
 
-from consumer.embedders.base import Embedder
-from consumer.settings import Settings
+import logging
+
+from consumer.embedders.base import Embedder, ModelLoadError
+from consumer.settings import Settings, env_name
+
+log = logging.getLogger(__name__)
 
 
 def build_embedder(settings: Settings) -> Embedder:
@@ -14,10 +18,19 @@ def build_embedder(settings: Settings) -> Embedder:
         from consumer.embedders.openai import OpenAIEmbedder
 
         return OpenAIEmbedder(settings.openai_spec())
-    if settings.embed_runtime == "openvino":
+    from consumer.embedders.local import SentenceTransformerEmbedder
+
+    if settings.embed_runtime == "torch":
+        return SentenceTransformerEmbedder(settings)
+    try:
         from consumer.embedders.openvino import OpenVINOEmbedder
 
         return OpenVINOEmbedder(settings)
-    from consumer.embedders.local import SentenceTransformerEmbedder
-
-    return SentenceTransformerEmbedder(settings)
+    except (ImportError, ModelLoadError) as exc:
+        if settings.embed_runtime == "openvino":
+            raise
+        # auto: the model's own vectors either way (the lossless export is the same identity), so torch
+        # serves a model OpenVINO cannot take, at its speed and memory
+        skip = f"{env_name('embed_runtime')}=torch"
+        log.warning("%s runs on torch: %s (%s skips this attempt)", settings.model, exc, skip)
+        return SentenceTransformerEmbedder(settings)

@@ -10,6 +10,7 @@ into place, so an export killed halfway leaves nothing that a later load would t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -35,12 +36,35 @@ def model_key(model: str) -> str:
     return str(local.resolve()) if local.exists() else model
 
 
+def fingerprint(model: str) -> str:
+    """A digest of a local folder's files: a model replaced in the same folder (retrained, another
+    revision copied over) is exported anew instead of serving the old one's IR, while a copy of the same
+    files (an image layer, new modification times) finds its export."""
+    local = Path(model).expanduser()
+    if not local.is_dir():
+        return ""
+    files = sorted(p for p in local.rglob("*") if p.is_file())
+    listing = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _content_digest(listing)
+
+
+@functools.lru_cache(maxsize=16)
+def _content_digest(listing: tuple[tuple[str, int, int], ...]) -> str:
+    """Keyed by names, sizes and times, so a start reads the weights once, not at each look-up."""
+    digest = hashlib.sha256()
+    for name, _, _ in listing:
+        digest.update(Path(name).name.encode())
+        with open(name, "rb") as f:
+            digest.update(hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()
+
+
 def cache_folder(settings: Settings) -> Path:
-    """<cache dir>/<model name>-<hash of its path or id>-<lossless|int8>."""
+    """<cache dir>/<model name>-<hash of its path or id, and its files>-<lossless|int8>."""
     key = model_key(settings.model)
     name = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(key.rstrip("/")).name).strip("-.") or "model"
     mode = "int8" if settings.embed_quantization == "int8" else "lossless"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    digest = hashlib.sha256(f"{key}\n{fingerprint(settings.model)}".encode()).hexdigest()[:8]
     return settings.openvino_cache_dir.expanduser() / f"{name}-{digest}-{mode}"
 
 
@@ -156,14 +180,29 @@ def export(settings: Settings, calibration: Sequence[str] = ()) -> dict[str, Any
     return report
 
 
-def export_apart(settings: Settings) -> dict[str, Any]:
-    """A lossless `export` in a spawned process: the torch and sentence-transformers it needs would stay
-    in the caller's memory (about 700 MB of a consumer's RSS) while the exported model needs neither."""
+def export_apart(settings: Settings) -> None:
+    """The lossless export on first use, unless another process made it meanwhile (consumers of one
+    deployment start together), in a spawned process: the torch and sentence-transformers it needs would
+    stay in the caller's memory (about 700 MB of a consumer's RSS) while the exported model needs neither."""
+    import fcntl
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(export, settings).result()
+    folder = cache_folder(settings)
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        lock = (folder.parent / f".{folder.name}.lock").open("w")
+    except OSError as exc:
+        raise ModelLoadError(
+            f"no OpenVINO export of {settings.model!r} in {folder}, and none can be written there ({exc}): "
+            f"set {env_name('openvino_cache_dir')} to a writable folder, or export it beforehand with "
+            "`cdc-embedder openvino-export`"
+        ) from None
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if read_meta(folder) is None:
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                pool.submit(export, settings).result()
 
 
 def _check_layout(model: Any, settings: Settings) -> Any:

@@ -5,6 +5,8 @@ No Kafka or Postgres: the model alone. The corpus is read in place (tests.harnes
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from consumer.embedders import build_embedder
 from consumer.embedders.base import Embedder
 from consumer.embedders.local import SentenceTransformerEmbedder, packaged_stand_in_model
 from consumer.embedders.openvino import OpenVINOEmbedder
-from consumer.embedders.openvino_export import IR_FILE, cache_folder, export
+from consumer.embedders.openvino_export import IR_FILE, cache_folder, export, read_meta
 from consumer.settings import Settings
 from tests.harness import corpus_rows
 
@@ -165,3 +167,23 @@ def test_a_process_embedding_on_openvino_never_imports_torch(tmp_path: Path) -> 
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip().splitlines()[-1] == "[]"
     assert (cache_folder(settings_for(cache, embed_runtime="openvino")) / IR_FILE).is_file()
+
+
+def test_auto_runs_openvino_and_falls_back_to_torch_for_a_model_it_cannot_take(
+    cache: Path, tmp_path: Path, texts: list[str]
+) -> None:
+    stand_in = packaged_stand_in_model()
+    assert stand_in is not None
+    assert isinstance(build_embedder(settings_for(cache)), OpenVINOEmbedder)  # the default: auto
+    cls = tmp_path / "cls-pooling"
+    shutil.copytree(stand_in, cls)
+    pooling = cls / "1_Pooling" / "config.json"
+    cls_only = {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False}
+    pooling.write_text(json.dumps(json.loads(pooling.read_text()) | cls_only))
+    settings = Settings.model_validate({"model": str(cls), "openvino_cache_dir": cache})
+    embedder = build_embedder(settings)
+    assert isinstance(embedder, SentenceTransformerEmbedder)
+    assert read_meta(cache_folder(settings)) is None  # nothing half-exported left behind
+    # CLS pooling really is what embeds: not the mean-pooled vectors of the same weights
+    mean = SentenceTransformerEmbedder(settings.model_copy(update={"model": str(stand_in)}))
+    assert float(cosines(embedder.embed(texts[:5]).vectors, mean.embed(texts[:5]).vectors).min()) < 0.99

@@ -57,10 +57,10 @@ def test_a_runtimes_only_run_is_judged_on_its_own_targets() -> None:
     }
     verdicts = {t["name"]: t["pass"] for t in targets(result)}
     assert verdicts == {
-        "openvino lossless / default texts/s": True,
+        "openvino lossless / torch texts/s": True,
         "openvino lossless: min cosine to fp32": True,
         "openvino lossless: recall@10 below fp32's": True,
-        "openvino int8 / default texts/s": False,
+        "openvino int8 / torch texts/s": False,
         "openvino int8: min cosine to fp32": False,
         "openvino int8: recall@10 below fp32's": False,
     }
@@ -69,5 +69,5 @@ def test_a_runtimes_only_run_is_judged_on_its_own_targets() -> None:
 
 def test_a_full_run_without_the_runtimes_fails_their_targets_as_unmeasured() -> None:
     names = {t["name"]: t for t in targets({"runtimes": {}})}
-    assert not names["openvino int8 / default texts/s"]["pass"]
+    assert not names["openvino int8 / torch texts/s"]["pass"]
     assert "end-to-end / raw model texts/s" in names

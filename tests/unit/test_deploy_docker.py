@@ -132,8 +132,12 @@ def test_model_is_baked_and_loaded_offline(stages: list[Stage]) -> None:
     assert len(saved) == 1
     runtime = _runtime(stages)
     copies = [c for c in runtime.all("COPY") if c.startswith("--from=model ")]
-    assert copies == [f"--from=model {saved[0]} {saved[0]}"]
     env = runtime.env()
+    exported = env["CDC_OPENVINO_CACHE_DIR"]
+    assert copies == [f"--from=model {saved[0]} {saved[0]}", f"--from=model {exported} {exported}"]
+    # the export is made from the saved model, into the folder the runtime reads
+    export = next(r for r in model.all("RUN") if "openvino-export" in r)
+    assert f"CDC_MODEL={saved[0]} CDC_OPENVINO_CACHE_DIR={exported} cdc-embedder openvino-export" in export
     assert env["CDC_MODEL"] == saved[0]
     assert env["HF_HUB_OFFLINE"] == "1"
 

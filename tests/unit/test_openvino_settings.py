@@ -11,7 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from consumer import cli
+from consumer.embedders import build_embedder
 from consumer.embedders.base import ModelLoadError
+from consumer.embedders.openvino import OpenVINOEmbedder
 from consumer.embedders.openvino_export import cache_folder, calibration_texts
 from consumer.service import _load_embedders
 from consumer.settings import Settings, SettingsError, load_settings
@@ -33,9 +35,10 @@ pipelines:
 """
 
 
-def test_torch_stays_the_default_and_the_cache_is_under_the_home_folder() -> None:
+def test_auto_is_the_default_and_the_cache_is_under_the_home_folder() -> None:
     s = Settings()
-    assert (s.embed_runtime, s.embed_quantization) == ("torch", "none")
+    assert (s.embed_runtime, s.embed_quantization) == ("auto", "none")
+    assert (LocalEmbedderSpec().runtime, LocalEmbedderSpec().quantization) == ("auto", "none")
     assert s.openvino_cache_dir == Path("~/.cache/cdc-embedder/openvino")
     assert s.model_identity == s.model
     assert LocalEmbedderSpec().identity == s.model
@@ -178,3 +181,61 @@ def test_an_int8_export_without_calibration_texts_exits_2(
     monkeypatch.setenv("CDC_OPENVINO_CACHE_DIR", str(tmp_path))
     assert cli.main(["openvino-export", "--quantization", "int8"]) == 2
     assert "--calibration FILE" in capsys.readouterr().err
+
+
+class Loaded:
+    """Stands in for a backend class: records that it was built."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+class Refused:
+    def __init__(self, settings: Settings) -> None:
+        raise ModelLoadError(f"{settings.model!r} is not a transformer with mean pooling")
+
+
+@pytest.mark.parametrize(
+    ("runtime", "openvino", "built"),
+    [
+        ("auto", Loaded, "openvino"),
+        ("auto", Refused, "torch"),  # a model OpenVINO cannot take still embeds, on torch
+        ("torch", Loaded, "torch"),
+        ("openvino", Loaded, "openvino"),
+    ],
+)
+def test_the_runtime_setting_picks_the_backend(
+    monkeypatch: pytest.MonkeyPatch, runtime: str, openvino: type, built: str
+) -> None:
+    torch = type("Torch", (Loaded,), {})
+    monkeypatch.setattr("consumer.embedders.openvino.OpenVINOEmbedder", openvino)
+    monkeypatch.setattr("consumer.embedders.local.SentenceTransformerEmbedder", torch)
+    embedder = build_embedder(Settings.from_env_map({"CDC_MODEL": "/m", "CDC_EMBED_RUNTIME": runtime}))
+    assert isinstance(embedder, torch if built == "torch" else openvino)
+
+
+def test_an_explicit_openvino_runtime_fails_rather_than_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("consumer.embedders.openvino.OpenVINOEmbedder", Refused)
+    with pytest.raises(ModelLoadError, match="mean pooling"):
+        build_embedder(Settings.from_env_map({"CDC_MODEL": "/m", "CDC_EMBED_RUNTIME": "openvino"}))
+
+
+def test_a_model_replaced_in_its_folder_gets_another_cache_folder(tmp_path: Path) -> None:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "weights.bin").write_bytes(b"first")
+    settings = Settings.from_env_map({"CDC_MODEL": str(model), "CDC_OPENVINO_CACHE_DIR": str(tmp_path)})
+    first = cache_folder(settings)
+    assert cache_folder(settings) == first
+    (model / "weights.bin").write_bytes(b"other")  # same size: a retrained model of the same shape
+    assert cache_folder(settings) != first
+
+
+def test_an_export_that_cannot_be_written_names_the_cache_setting(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")  # the cache folder's parent is a file: as unwritable as a read-only image
+    settings = Settings.from_env_map(
+        {"CDC_MODEL": "/m", "CDC_EMBED_RUNTIME": "openvino", "CDC_OPENVINO_CACHE_DIR": str(blocker / "cache")}
+    )
+    with pytest.raises(ModelLoadError, match="CDC_OPENVINO_CACHE_DIR to a writable folder"):
+        OpenVINOEmbedder(settings)
