@@ -12,8 +12,8 @@ import threading
 from collections import Counter
 from collections.abc import Sequence
 
+from consumer.embedders import build_embedder
 from consumer.embedders.base import Embedder, Embedding
-from consumer.embedders.local import SentenceTransformerEmbedder
 from consumer.logs import configure_logging
 from consumer.service import run_service
 from consumer.settings import Settings, load_settings
@@ -44,7 +44,7 @@ class FlakyEmbedder:
 
 
 def flaky(settings: Settings) -> Embedder:
-    return FlakyEmbedder(SentenceTransformerEmbedder(settings))
+    return FlakyEmbedder(build_embedder(settings))  # the default runtime, as `cdc-embedder run` builds it
 
 
 if __name__ == "__main__":
