@@ -13,7 +13,7 @@ import numpy as np
 
 from consumer.bench.flops import GTE_SMALL, BertShape, flops_for_lengths, matmul_flops
 from consumer.embedders import build_embedder
-from consumer.embedders.local import SentenceTransformerEmbedder, packaged_stand_in_model
+from consumer.embedders.local import SentenceTransformerEmbedder, clip_to_window, packaged_stand_in_model
 from consumer.embedders.openvino import OpenVINOEmbedder
 from consumer.events import join_text
 from consumer.settings import Settings
@@ -100,8 +100,8 @@ def local_embedder(settings: Settings) -> Local:
 
 
 def token_lengths(embedder: Local, texts: Sequence[str]) -> list[int]:
-    window = int(embedder.window)
-    return [min(len(e.ids), window) for e in embedder.tokenizer().encode_batch(list(texts))]
+    lengths = [len(e.ids) for e in embedder.tokenizer().encode_batch(list(texts))]
+    return clip_to_window(lengths, int(embedder.window))[0]
 
 
 def encode_run(embedder: Local, texts: Sequence[str], batch: int, shape: BertShape) -> dict[str, float]:

@@ -135,6 +135,11 @@ def window_tokens(tokenizer: Any, texts: list[str], window: int) -> tuple[list[i
     """Tokens each text feeds the model (special tokens included, cut at `window`), and how many texts
     were cut."""
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=True, truncation=False)["input_ids"]]
+    return clip_to_window(lengths, window)
+
+
+def clip_to_window(lengths: Sequence[int], window: int) -> tuple[list[int], int]:
+    """Whole texts' token counts as the model reads them (cut at `window`), and how many were cut."""
     return [min(n, window) for n in lengths], sum(n > window for n in lengths)
 
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from consumer.embedders.base import Embedding, ModelLoadError
-from consumer.embedders.local import PAD_TO_MULTIPLE_OF, budget_groups
+from consumer.embedders.local import PAD_TO_MULTIPLE_OF, budget_groups, clip_to_window
 from consumer.embedders.openvino_export import IR_FILE, cache_folder, export_apart, read_meta
 from consumer.settings import Settings, env_name
 
@@ -89,7 +89,7 @@ class OpenVINOEmbedder:
         if not texts:  # the tokenizer fails on no input
             return Embedding(np.empty((0, self.dimension), dtype=np.float32), 0, 0)
         lengths = [len(e.ids) for e in self._counting.encode_batch(texts)]
-        tokens, truncated = [min(n, self.window) for n in lengths], sum(n > self.window for n in lengths)
+        tokens, truncated = clip_to_window(lengths, self.window)
         if self._token_budget > 0:
             groups = budget_groups(tokens, self._token_budget, self._batch_size)
         else:
@@ -117,8 +117,8 @@ class OpenVINOEmbedder:
         """The model's inputs as the torch backend's tokenizer call pads them: on the right, to a multiple
         of `_pad_multiple`, with the pad token and a zero mask."""
         longest = max(len(e.ids) for e in encodings)
-        batch = self._inputs_of((len(encodings), -(-longest // self._pad_multiple) * self._pad_multiple))
-        batch["attention_mask"][:] = 0
+        shape = (len(encodings), -(-longest // self._pad_multiple) * self._pad_multiple)
+        batch = self._inputs_of(shape, mask=0)
         for row, encoding in enumerate(encodings):
             n = len(encoding.ids)
             batch["input_ids"][row, :n] = encoding.ids
@@ -126,11 +126,11 @@ class OpenVINOEmbedder:
             batch["token_type_ids"][row, :n] = encoding.type_ids
         return batch
 
-    def _inputs_of(self, shape: tuple[int, int]) -> dict[str, np.ndarray[Any, Any]]:
-        """Inputs of this shape, all pad tokens under a full mask."""
+    def _inputs_of(self, shape: tuple[int, int], mask: int = 1) -> dict[str, np.ndarray[Any, Any]]:
+        """Inputs of this shape, all pad tokens, the mask all `mask` (warm-up attends to every one)."""
         return {
             "input_ids": np.full(shape, self._pad_id, dtype=np.int64),
-            "attention_mask": np.ones(shape, dtype=np.int64),
+            "attention_mask": np.full(shape, mask, dtype=np.int64),
             "token_type_ids": np.zeros(shape, dtype=np.int64),
         }
 
