@@ -66,6 +66,9 @@ class ConsumerProcess:
     log_file: Path
     argv: list[str] = field(default_factory=lambda: list(RUN))
     port: int = field(default_factory=free_port)
+    # started on these CPUs: OpenVINO's thread pool runs on those the process had at its start, whatever
+    # affinity it is given later
+    cpus: set[int] | None = None
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -85,7 +88,14 @@ class ConsumerProcess:
         env = {**os.environ, **self.env, "CDC_HTTP_PORT": str(self.port)}
         self.log_file.parent.mkdir(parents=True, exist_ok=True)
         with self.log_file.open("ab") as log:
-            self.process = subprocess.Popen(self.argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+            cpus = self.cpus
+            self.process = subprocess.Popen(
+                self.argv,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
+            )
         return self
 
     def running(self) -> bool:

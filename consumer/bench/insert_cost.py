@@ -104,7 +104,8 @@ def separate_cores(
     prefix: str = SEPARATE,
 ) -> dict[str, list[float]]:
     """`alternating` with the database on its own core and a consumer of its own on the others, set
-    up for the cores it is given (CDC_TORCH_THREADS), as a pod of that size would be: a consumer
+    up for the cores it is given (CDC_TORCH_THREADS) and started on them, as a pod of that size would be
+    (OpenVINO, placed there only later, ran its model on the database's core meanwhile): a consumer
     started for two cores and then held on one runs its model far slower, so events pile up and its
     writes arrive in bursts that no deployment would see. `backlog`: ids to catch up on first. Where
     the env puts the vectors in another database, they are read there."""
@@ -112,7 +113,7 @@ def separate_cores(
     threads = len(layout.pipeline)
     settings = Settings.from_env_map(env)
     log = settings.stack_dir / "logs" / f"bench-consumer-{'apart' if prefix == APART else 'separate'}.log"
-    consumer = ConsumerProcess({**env, "CDC_TORCH_THREADS": str(threads)}, log).start()
+    consumer = ConsumerProcess({**env, "CDC_TORCH_THREADS": str(threads)}, log, cpus=layout.pipeline).start()
     try:
         consumer.wait_ready().wait_audited()
         say(f"consumer for the {prefix}rounds ready (pid {consumer.pid}, {threads} torch threads)")

@@ -10,7 +10,6 @@ the lossless IR keeps the model's identity while int8 is named apart (`Settings.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -27,7 +26,6 @@ from consumer.settings import Settings, env_name
 if TYPE_CHECKING:
     from tokenizers import Encoding, Tokenizer
 
-log = logging.getLogger(__name__)
 _PRECISIONS = {"auto": None, "float32": "f32", "bfloat16": "bf16"}
 _DTYPES = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}
 
@@ -46,13 +44,15 @@ class OpenVINOEmbedder:
                     "like yours, with `cdc-embedder openvino-export --quantization int8 --calibration FILE` "
                     f"(same {env_name('model')} and {env_name('openvino_cache_dir')})"
                 )
-            log.info("exporting %s to OpenVINO IR in %s (first use)", settings.model, folder)
             export_apart(settings)
             meta = read_meta(folder)
             if meta is None:
                 raise ModelLoadError(f"the OpenVINO export of {settings.model!r} left no model in {folder}")
-        # The performance hint LATENCY: one stream over all threads, as the model thread calls it.
-        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY"}
+        # The performance hint LATENCY: one stream over all threads, as the model thread calls it. No CPU
+        # pinning: OpenVINO pins its threads to cores by their index, so every process pins to the same
+        # ones (measured: two consumers of one thread each both on core 0 of two, at 0.56 of their speed
+        # on a core each); the OS spreads them, and alone a process runs as fast unpinned.
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "ENABLE_CPU_PINNING": False}
         if settings.torch_threads:
             config["INFERENCE_NUM_THREADS"] = settings.torch_threads
         if hint := _PRECISIONS[settings.embed_dtype]:

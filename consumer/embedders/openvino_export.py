@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ from consumer.settings import Settings, env_name
 
 IR_FILE = "model.xml"
 META_FILE = "cdc-embedder-export.json"
+log = logging.getLogger(__name__)
 
 
 def model_key(model: str) -> str:
@@ -200,7 +202,8 @@ def export_apart(settings: Settings) -> None:
         ) from None
     with lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if read_meta(folder) is None:
+        if read_meta(folder) is None:  # here, not before the lock: only the process that exports says so
+            log.info("exporting %s to OpenVINO IR in %s (first use)", settings.model, folder)
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 pool.submit(export, settings).result()
 

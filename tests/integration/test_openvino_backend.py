@@ -5,10 +5,13 @@ No Kafka or Postgres: the model alone. The corpus is read in place (tests.harnes
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -135,6 +138,26 @@ def test_the_export_is_cached_and_loaded_without_exporting_again(
     assert np.allclose(again.embed(text).vectors, lossless.embed(text).vectors, atol=1e-5)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="one CPU: nothing to pin apart")
+def test_inference_threads_keep_the_process_cpus_unpinned(lossless: Embedder, cache: Path) -> None:
+    # OpenVINO's default pins a one-thread model to the first core, in every process alike: consumers
+    # sharing a host then share that core while the others idle. Unpinned, no thread of ours is ever
+    # narrowed to fewer CPUs than the process has (sampled while the model runs in another thread)
+    embedder = OpenVINOEmbedder(settings_for(cache, embed_runtime="openvino", torch_threads=1))
+    allowed = os.sched_getaffinity(0)
+    seen: set[frozenset[int]] = set()
+    running = threading.Thread(
+        target=lambda: [embedder.embed(["a text to embed " * 30] * 32) for _ in range(10)]
+    )
+    running.start()
+    while running.is_alive():
+        for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+            with contextlib.suppress(OSError):  # the thread ended meanwhile
+                seen.add(frozenset(os.sched_getaffinity(int(task.name))))
+    running.join()
+    assert seen == {frozenset(allowed)}
+
+
 @pytest.mark.parametrize("window", [16, 512])
 def test_in_fp32_the_ir_gives_torchs_vectors(
     lossless: Embedder, cache: Path, texts: list[str], window: int
@@ -148,14 +171,17 @@ def test_in_fp32_the_ir_gives_torchs_vectors(
     assert float(np.abs(openvino_fp32.vectors - torch_fp32).max()) < 1e-4
 
 
-def test_a_process_embedding_on_openvino_never_imports_torch(tmp_path: Path) -> None:
+def test_processes_starting_together_export_once_and_never_import_torch(tmp_path: Path) -> None:
     # torch and sentence-transformers are about 700 MB of a consumer's RSS; an exported model needs neither,
-    # and the export on first use (it needs them) runs in a process of its own
+    # and the export on first use (it needs them) runs in a process of its own. The consumers of one
+    # deployment start together on one cache: one exports (and logs it), the others wait for it
     cache = tmp_path / "first-use"
+    folder = cache_folder(settings_for(cache, embed_runtime="openvino"))
     script = (
-        "import sys\n"
+        "import logging, sys\n"
         "from consumer.embedders import build_embedder\n"
         "from consumer.settings import Settings\n"
+        "logging.basicConfig(level=logging.INFO)\n"
         f"s = Settings.model_validate({{'model': {str(packaged_stand_in_model())!r}, "
         f"'openvino_cache_dir': {str(cache)!r}, 'embed_runtime': 'openvino'}})\n"
         "e = build_embedder(s)\n"
@@ -163,10 +189,18 @@ def test_a_process_embedding_on_openvino_never_imports_torch(tmp_path: Path) -> 
         "assert len(e.tokenizer().encode('a text').ids) == 4\n"
         "print(sorted(m for m in ('torch', 'sentence_transformers', 'transformers') if m in sys.modules))\n"
     )
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr
-    assert run.stdout.strip().splitlines()[-1] == "[]"
-    assert (cache_folder(settings_for(cache, embed_runtime="openvino")) / IR_FILE).is_file()
+    starts = [
+        subprocess.Popen(
+            [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(3)
+    ]
+    outputs = [start.communicate(timeout=300) for start in starts]
+    assert [start.returncode for start in starts] == [0, 0, 0], [err for _, err in outputs]
+    assert sum(err.count("exporting ") for _, err in outputs) == 1
+    assert {out.strip().splitlines()[-1] for out, _ in outputs} == {"[]"}
+    assert [p.name for p in cache.iterdir() if not p.name.startswith(".")] == [folder.name]
+    assert not [p for p in cache.iterdir() if p.is_dir() and p.name.startswith(".")]  # no export left halfway
 
 
 def test_auto_runs_openvino_and_falls_back_to_torch_for_a_model_it_cannot_take(

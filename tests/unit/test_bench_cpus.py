@@ -6,10 +6,12 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from consumer.bench.cpus import Split, place, separated, split
+from consumer.consumer_process import ConsumerProcess
 
 CPUS = sorted(os.sched_getaffinity(0))
 needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
@@ -55,3 +57,14 @@ def test_separated_restores_every_core_afterwards(child: subprocess.Popen[bytes]
         assert os.sched_getaffinity(0) == {CPUS[0]}
     assert affinity_of_threads(child.pid) == {frozenset(CPUS)}
     assert os.sched_getaffinity(0) == set(CPUS)
+
+
+@needs_two
+def test_a_consumer_process_starts_on_the_cpus_it_is_given(tmp_path: Path) -> None:
+    # from its start, not moved there later: OpenVINO's thread pool keeps the CPUs a process started with
+    log = tmp_path / "consumer.log"
+    script = "import os; print(sorted(os.sched_getaffinity(0)))"
+    consumer = ConsumerProcess({}, log, argv=[sys.executable, "-c", script], cpus={CPUS[1]}).start()
+    assert consumer.process is not None and consumer.process.wait(60) == 0
+    assert log.read_text().strip() == str([CPUS[1]])
+    assert os.sched_getaffinity(0) == set(CPUS)  # the parent's own CPUs unchanged
