@@ -201,7 +201,11 @@ def export_apart(settings: Settings) -> None:
             "`cdc-embedder openvino-export`"
         ) from None
     with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a start that waits says why, instead of hanging silently
+            log.info("waiting for another process's OpenVINO export of %s into %s", settings.model, folder)
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if read_meta(folder) is None:  # here, not before the lock: only the process that exports says so
             log.info("exporting %s to OpenVINO IR in %s (first use)", settings.model, folder)
             with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:

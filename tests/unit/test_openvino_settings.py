@@ -3,7 +3,10 @@ is loaded here: tests/integration/test_openvino_backend.py loads one)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +17,13 @@ from consumer import cli
 from consumer.embedders import build_embedder
 from consumer.embedders.base import ModelLoadError
 from consumer.embedders.openvino import OpenVINOEmbedder
-from consumer.embedders.openvino_export import cache_folder, calibration_texts
+from consumer.embedders.openvino_export import (
+    IR_FILE,
+    META_FILE,
+    cache_folder,
+    calibration_texts,
+    export_apart,
+)
 from consumer.service import _load_embedders
 from consumer.settings import Settings, SettingsError, load_settings
 from consumer.spec import LocalEmbedderSpec, PipelinesFileError, PipelineSpec, parse_pipelines
@@ -239,3 +248,27 @@ def test_an_export_that_cannot_be_written_names_the_cache_setting(tmp_path: Path
     )
     with pytest.raises(ModelLoadError, match="CDC_OPENVINO_CACHE_DIR to a writable folder"):
         OpenVINOEmbedder(settings)
+
+
+def test_a_start_waiting_for_another_process_export_says_so_and_loads_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings.from_env_map({"CDC_MODEL": "/m", "CDC_OPENVINO_CACHE_DIR": str(tmp_path)})
+    folder = cache_folder(settings)
+    with ThreadPoolExecutor(1) as pool, (tmp_path / f".{folder.name}.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # another consumer is exporting
+        try:
+            with caplog.at_level(logging.INFO, logger="consumer.embedders.openvino_export"):
+                waiting = pool.submit(export_apart, settings)
+                deadline = time.monotonic() + 30
+                while "waiting for another process" not in caplog.text:
+                    assert not waiting.done(), waiting.exception()
+                    assert time.monotonic() < deadline, "no word of the wait"
+                    time.sleep(0.01)
+                folder.mkdir()  # its export lands, complete
+                (folder / IR_FILE).write_text("<net/>")
+                (folder / META_FILE).write_text("{}")
+        finally:  # before the pool waits for its thread
+            fcntl.flock(held, fcntl.LOCK_UN)
+        waiting.result(timeout=30)
+    assert "exporting" not in caplog.text  # loaded theirs, exported nothing
