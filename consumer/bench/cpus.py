@@ -18,7 +18,7 @@ from pathlib import Path
 PROC = Path("/proc")
 
 
-def _children(pid: int) -> list[int]:
+def children(pid: int) -> list[int]:
     found = []
     for entry in PROC.iterdir():
         if not entry.name.isdigit():
@@ -51,7 +51,7 @@ def place(pids: Iterable[int], cpus: set[int], tree: bool = True) -> int:
             except OSError:  # the thread ended meanwhile
                 pass
         if tree:
-            todo.extend(_children(pid))
+            todo.extend(children(pid))
     return moved
 
 

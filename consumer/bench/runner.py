@@ -6,7 +6,7 @@ import gc
 import math
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from itertools import islice
@@ -17,6 +17,7 @@ import psycopg
 
 from consumer.bench import model as bm
 from consumer.bench.chunked import chunked_throughput, longest_rows
+from consumer.bench.cpu_time import CONSUMER, CpuMeter
 from consumer.bench.cpus import split
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
 from consumer.bench.freshness_ab import freshness_ab
@@ -210,13 +211,19 @@ def model_phases(args: BenchArgs, settings: Settings, result: dict[str, Any], sa
 
 
 def end_to_end(
-    conn: psycopg.Connection[Any], settings: Settings, rows: list[dict[str, Any]], beside: bool, say: Say
+    conn: psycopg.Connection[Any],
+    settings: Settings,
+    rows: list[dict[str, Any]],
+    beside: bool,
+    processes: Mapping[str, Iterable[int]],
+    say: Say,
 ) -> dict[str, float]:
     """Bulk throughput of the pipeline; with `beside`, its ratio to the raw model on the same texts.
 
     The raw model runs in this process right before and right after the bulk load (the stack and the
     consumer idle), and the ratio is to the mean of the two: on a shared host whose speed drifts by a
-    third between runs, only a measurement beside the pipeline's compares like with like.
+    third between runs, only a measurement beside the pipeline's compares like with like. The CPU of
+    `processes` (named trees, the consumer among them) over the load gives the ratio's ceiling here.
     """
     texts = bm.texts_of(rows, settings)
     embedder = bm.local_embedder(settings) if beside else None
@@ -231,7 +238,16 @@ def end_to_end(
 
     raw = raw_model("before")
     say(f"end to end: COPY {len(rows)} rows, waiting for the last vector ...")
+    meter = CpuMeter(processes).start()
     bulk = bulk_throughput(conn, settings, rows, say)
+    bulk |= meter.stop()
+    used = ", ".join(
+        f"{key.removeprefix('cpu_share_').replace('_', ' ')} {share:.0%}"
+        for key, share in bulk.items()
+        if key.startswith("cpu_share_")
+    )
+    say(f"  CPU over the load, share of the cores x wall time: {used}; what the others leave caps the "
+        f"ratio to the raw model at {bulk['ceiling_to_raw']:.2f}")  # fmt: skip
     raw += raw_model("after")
     embedder = None  # its memory back before the load phases
     gc.collect()
@@ -300,9 +316,9 @@ def pipeline_phases(
         say(f"insert latency, connector running, no consumer ({args.latency_n} rows) ...")
         capture_only = summary(insert_latencies(conn, capture_rows, args.latency_pace_s))
         latencies: dict[str, list[float]] = {}
+        database = [pid for pid in (stack.postgres.pid(),) if pid]
+        jvms = [pid for pid in (stack.kafka.pid(), stack.connect.pid()) if pid]
         if layout:
-            database = [pid for pid in (stack.postgres.pid(),) if pid]
-            jvms = [pid for pid in (stack.kafka.pid(), stack.connect.pid()) if pid]
             latencies |= separate_cores(
                 conn, env, connector, list(islice(rounds_rows, 2 * args.latency_n)), args.latency_rounds,
                 args.latency_pace_s, (layout, database, jvms), capture_ids, say,
@@ -339,7 +355,8 @@ def pipeline_phases(
             n_bulk = args.n if args.soak_minutes <= 0 else min(args.n, 500)
             bulk_rows = bm.corpus_rows(args.corpus, n_bulk, id_base=BULK_IDS)
             before = consumer.metrics()
-            bulk = end_to_end(conn, settings, bulk_rows, args.soak_minutes <= 0, say)
+            processes = {CONSUMER: [consumer.pid], "database": database, "kafka and connect": jvms}
+            bulk = end_to_end(conn, settings, bulk_rows, args.soak_minutes <= 0, processes, say)
             bulk.update(model_share(before, consumer.metrics(), bulk))
             if args.soak_minutes <= 0:
                 bulk |= profiled_bulk(conn, settings, consumer.pid, args.corpus, n_bulk, say)
