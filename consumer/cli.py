@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--ab-rounds", type=int, help="rounds of the freshness A/B of consumer policies (0: skip)"
     )
     bench.add_argument("--ab-seconds", type=float, help="steady load per A/B policy and round")
+    bench.add_argument(
+        "--write-ab-rounds", type=int, help="rounds of the bulk A/B of a batch written in parts (0: skip)"
+    )
+    bench.add_argument("--write-ab-n", type=int, help="rows per bulk load of that A/B")
     bench.add_argument("--chunked-n", type=int, help="longest corpus texts embedded as chunks (0: skip)")
     bench.add_argument("--latency-n", type=int, help="single-row inserts per insert-latency condition")
     bench.add_argument("--latency-rounds", type=int, help="stopped/running rounds the inserts alternate in")

@@ -8,6 +8,7 @@ logic runs in unit tests with small fakes. Every record ends in exactly one outc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import Counter as Tally
 from collections.abc import Callable, Sequence
@@ -126,6 +127,19 @@ class _Plan:
     dead_letter: Failure | None = None
 
 
+_ToEmbed = tuple[_Decoded, str, bytes]  # a change whose text needs a vector: the text and its hash
+WRITE_PART_MIN_TEXTS = 16  # smaller parts would cost the model more than their overlap saves
+
+
+def write_parts(to_embed: list[_ToEmbed], most: int) -> list[list[_ToEmbed]]:
+    """`to_embed` cut into at most `most` parts of at least WRITE_PART_MIN_TEXTS texts, by text length,
+    so each part's texts are alike and the model's length-sorted groups stay as full as in one call."""
+    count = max(1, min(most, len(to_embed) // WRITE_PART_MIN_TEXTS))
+    ordered = sorted(to_embed, key=lambda t: len(t[1]))
+    size = max(1, -(-len(ordered) // count))
+    return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+
 class BatchProcessor:
     def __init__(
         self,
@@ -183,8 +197,9 @@ class BatchProcessor:
         for change in losers:
             report.add(change.op.label, "superseded")
 
-        plans = await self._plan([by_change[id(c)] for c in winners.values()], report, failures)
-        landed = await self._write(plans, truncate.change.position if truncate else None, report, failures)
+        plans, to_embed = await self._plan([by_change[id(c)] for c in winners.values()], report, failures)
+        truncate_at = truncate.change.position if truncate else None
+        landed = await self._embed_and_write(plans, to_embed, truncate_at, report, failures)
         committed_at = time.time()
         for plan in plans:
             if plan.dead_letter is not None and plan.write.key in landed:
@@ -225,8 +240,11 @@ class BatchProcessor:
             decoded.append(_Decoded(change, record, state))
         return decoded
 
-    async def _plan(self, items: list[_Decoded], report: BatchReport, failures: list[Failure]) -> list[_Plan]:
-        """Decide each winner's write from what the table holds: nothing, a touch, a vector to embed."""
+    async def _plan(
+        self, items: list[_Decoded], report: BatchReport, failures: list[Failure]
+    ) -> tuple[list[_Plan], list[_ToEmbed]]:
+        """Decide each winner's write from what the table holds: nothing, a touch, or a vector to embed
+        (returned apart)."""
         model = self._embedder.name
         started = time.perf_counter()
         state = await self._sink.stored([i.change.key for i in items])
@@ -237,7 +255,7 @@ class BatchProcessor:
         report.db_s += time.perf_counter() - started
 
         plans: list[_Plan] = []
-        to_embed: list[tuple[_Decoded, str, bytes]] = []
+        to_embed: list[_ToEmbed] = []
         for item in items:
             change = item.change
             if not _admitted(state, change, model):
@@ -272,10 +290,63 @@ class BatchProcessor:
                 plans.append(_Plan(item, _write(change, Kind.TOUCH, digest), "unchanged", text))
             else:
                 to_embed.append((item, text, digest))
-        return plans + await self._embed_plans(to_embed, report, failures)
+        return plans, to_embed
+
+    async def _embed_and_write(
+        self,
+        plans: list[_Plan],
+        to_embed: list[_ToEmbed],
+        truncate_at: int | None,
+        report: BatchReport,
+        failures: list[Failure],
+    ) -> frozenset[Key]:
+        """Embed and write the batch (`plans` grows by the embedded ones); returns the keys that landed.
+
+        A batch of several parts (`write_parts`) has each part written while the model embeds the next,
+        so the model does not idle through the HNSW inserts. Each part is its own transaction, like the
+        touches decided again in `_touch_again`: a batch's writes need not land together, since each is
+        guarded and the batch's offsets commit only after the last, so applying the batch again after a
+        failure between them changes nothing that landed.
+        """
+        parts = write_parts(to_embed, self._settings.batch_write_parts)
+        if len(parts) <= 1:
+            plans += await self._embed_plans(to_embed, report, failures)
+            landed = await self._write(plans, truncate_at, report)
+            return await self._touch_again(plans, landed, report, failures)
+        written: set[Key] = set()
+        pending: asyncio.Task[frozenset[Key]] | None = None
+        first = list(plans)  # the touches, deletes and clears go with the first part, the truncate too
+        stalled: Failure | None = None
+        try:
+            for index, part in enumerate(parts):
+                if stalled is None:
+                    before = len(failures)
+                    embedded = await self._embed_plans(part, report, failures)
+                    stalled = _stall(failures[before:], len(part))
+                else:  # the model thread is still stuck: the rest of the batch fails as that part did
+                    embedded = []
+                    failures += [
+                        self._failure(i.record, i.state, stalled.error_class, stalled.message)
+                        for i, _, _ in part
+                    ]
+                plans += embedded
+                if pending is not None:
+                    written |= await pending
+                rows, truncate = (first + embedded, truncate_at) if index == 0 else (embedded, None)
+                pending = asyncio.create_task(self._write(rows, truncate, report))
+            assert pending is not None
+            written |= await pending
+        finally:
+            # the model failed (or the batch was cancelled): no write left running, and the failure of
+            # one that ended meanwhile retrieved, the batch's own error being the one raised
+            if pending is not None:
+                pending.cancel()
+                with contextlib.suppress(BaseException):
+                    await pending
+        return await self._touch_again(plans, frozenset(written), report, failures)
 
     async def _embed_plans(
-        self, to_embed: list[tuple[_Decoded, str, bytes]], report: BatchReport, failures: list[Failure]
+        self, to_embed: list[_ToEmbed], report: BatchReport, failures: list[Failure]
     ) -> list[_Plan]:
         if not to_embed:
             return []
@@ -290,25 +361,29 @@ class BatchProcessor:
             plans.append(_Plan(item, write, "embedded", text))
         return plans
 
-    async def _write(
-        self, plans: list[_Plan], truncate_at: int | None, report: BatchReport, failures: list[Failure]
+    async def _write(self, rows: list[_Plan], truncate_at: int | None, report: BatchReport) -> frozenset[Key]:
+        """Write `rows`, after the truncate if any; returns the keys whose write landed."""
+        started = time.perf_counter()
+        result = await self._sink.write(WriteBatch([p.write for p in rows], truncate_at))
+        report.db_s += time.perf_counter() - started
+        report.written_rows += len(result.landed) + result.truncated_rows
+        if result.truncated_rows:
+            log.info("source table truncated: its vectors removed", rows=result.truncated_rows)
+        return result.landed
+
+    async def _touch_again(
+        self, plans: list[_Plan], landed: frozenset[Key], report: BatchReport, failures: list[Failure]
     ) -> frozenset[Key]:
-        """Write the plans; returns the keys whose write landed.
+        """Decide again the touches that did not land; returns every key that landed.
 
         A touch that did not land found the stored hash changed since it was read: another member wrote
         the key meanwhile. Advancing the position over that text would leave a vector of another text
         under this change's position, so the change is decided again on what is stored now, and embedded
         if it still wins.
         """
-        started = time.perf_counter()
-        result = await self._sink.write(WriteBatch([p.write for p in plans], truncate_at))
-        report.db_s += time.perf_counter() - started
-        report.written_rows += len(result.landed) + result.truncated_rows
-        if result.truncated_rows:
-            log.info("source table truncated: its vectors removed", rows=result.truncated_rows)
-        missed = [p for p in plans if p.write.kind is Kind.TOUCH and p.write.key not in result.landed]
+        missed = [p for p in plans if p.write.kind is Kind.TOUCH and p.write.key not in landed]
         if not missed:
-            return result.landed
+            return landed
         state = await self._sink.stored([p.write.key for p in missed])
         model = self._embedder.name
         again = []
@@ -320,11 +395,7 @@ class BatchProcessor:
                 report.add(plan.item.change.op.label, "superseded")
         redone = await self._embed_plans(again, report, failures)
         plans += redone
-        started = time.perf_counter()
-        second = await self._sink.write(WriteBatch([p.write for p in redone]))
-        report.db_s += time.perf_counter() - started
-        report.written_rows += len(second.landed)
-        return result.landed | second.landed
+        return landed | await self._write(redone, None, report)
 
     def _freshness(self, item: _Decoded, committed_at: float, report: BatchReport) -> None:
         if item.change.source_ts_ms is None:
@@ -363,6 +434,14 @@ def _write(
     return Write(
         change.key, kind, change.position, change.is_snapshot, change.source_ts_ms, digest, vector, chunks
     )
+
+
+def _stall(failed: list[Failure], texts: int) -> Failure | None:
+    """A failure of a whole model call for its time (CDC_MODEL_TIMEOUT_S), if `failed` is one: its thread
+    cannot be stopped, so another call would queue behind it for as long again."""
+    if failed and len(failed) == texts and all(f.error_class is ErrorClass.TIMEOUT for f in failed):
+        return failed[0]
+    return None
 
 
 def _admitted(state: State, change: Change, model: str) -> bool:

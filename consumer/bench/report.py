@@ -148,6 +148,10 @@ def render_markdown(result: dict[str, Any]) -> str:
         ("Chunked long texts", "chunked"),
         ("Freshness", "freshness"),
         ("Freshness A/B: consumer policies alternated, same load (p99 in s)", "freshness_ab"),
+        (
+            "Write A/B: a batch's vectors written at once or in parts beside the model (texts/s)",
+            "write_parts_ab",
+        ),
         ("Soak", "soak"),
     )
     for title, key in sections:

@@ -16,11 +16,11 @@ from typing import Any
 import psycopg
 
 from consumer.bench import model as bm
+from consumer.bench.ab import freshness_ab, write_parts_ab
 from consumer.bench.chunked import chunked_throughput, longest_rows
 from consumer.bench.cpu_time import CONSUMER, CpuMeter
 from consumer.bench.cpus import split
 from consumer.bench.flops import GTE_SMALL, histogram_quantile, slope, summary
-from consumer.bench.freshness_ab import freshness_ab
 from consumer.bench.insert_cost import alternating, ratios, separate_cores, vectors_apart
 from consumer.bench.machine import RssSampler, machine
 from consumer.bench.phases import bulk_throughput, cycle_rows, insert_latencies, steady_load, wait_embedded
@@ -34,7 +34,7 @@ from consumer.settings import Settings
 
 Say = Callable[[str], None]
 # id ranges of the phases, apart from each other
-LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS, CHUNKED_IDS, AB_IDS = (
+LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS, CHUNKED_IDS, AB_IDS, WRITE_AB_IDS = (
     1_000_000,
     10_000_000,
     20_000_000,
@@ -42,6 +42,7 @@ LATENCY_IDS, BULK_IDS, STEADY_IDS, SOAK_IDS, REMOTE_IDS, CHUNKED_IDS, AB_IDS = (
     40_000_000,
     50_000_000,
     60_000_000,
+    70_000_000,
 )
 PROFILED_N = 500  # rows of the bulk load py-spy samples
 # (name, dtype, token budget, torch threads); 0 threads: the settings' value
@@ -64,6 +65,8 @@ class BenchArgs:
     freshness_s: float = 120.0
     ab_rounds: int = 2  # rounds of the freshness A/B (consumer policies alternated); 0: skip it
     ab_seconds: float = 40.0  # steady load per policy and round
+    write_ab_rounds: int = 3  # rounds of the bulk A/B of a batch written at once or in parts; 0: skip it
+    write_ab_n: int = 1000  # rows per bulk load of that A/B
     latency_n: int = 500  # per condition; a p99 from 200 samples is its 2nd-largest: one outlier moved it 50%
     latency_pace_s: float = 0.1
     latency_rounds: int = 5
@@ -413,6 +416,14 @@ def pipeline_phases(
         with psycopg.connect(settings.dsn) as conn:
             result["freshness_ab"] = freshness_ab(
                 conn, env, ab_rows, rate, args.ab_seconds, args.ab_rounds, ab_log, say
+            )
+    if args.soak_minutes <= 0 and args.write_ab_rounds > 0:
+        write_rows = cycle_rows(args.corpus, WRITE_AB_IDS, skip=n_bulk)
+        write_log = settings.stack_dir / "logs" / "bench-consumer-write-ab.log"
+        with psycopg.connect(settings.dsn) as conn:
+            placement = (layout, database, jvms) if layout else None
+            result["write_parts_ab"] = write_parts_ab(
+                conn, env, write_rows, args.write_ab_n, args.write_ab_rounds, placement, write_log, say
             )
     if args.soak_minutes <= 0 and args.chunked_n > 0:
         *chunked_rows, warm_up = longest_rows(args.corpus, args.chunked_n + 1, CHUNKED_IDS)

@@ -28,6 +28,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from psycopg import sql
 
+from consumer import pipeline
 from consumer.events import UNAVAILABLE_PLACEHOLDER
 from consumer.pipeline import BatchProcessor
 from consumer.settings import Settings
@@ -207,8 +208,12 @@ def text_of(body: str) -> str:
 
 @pytest.mark.parametrize("key_type", ["bigint", "uuid", "composite", "numeric", "text"])
 def test_two_members_converge_on_the_source_state(
-    stack: LocalStack, settings: Settings, key_type: str
+    stack: LocalStack, settings: Settings, key_type: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Batches of two or more texts to embed are written in parts (CDC_BATCH_WRITE_PARTS), one text and
+    # one transaction each, so the parts meet the races and redeliveries drawn here; one-text batches
+    # keep the single write.
+    monkeypatch.setattr(pipeline, "WRITE_PART_MIN_TEXTS", 1)
     kt = KEY_TYPES[key_type]
     table = table_settings(settings, kt, "property")
 
@@ -256,3 +261,44 @@ settings_for_stack = hypothesis_settings(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     derandomize=True,
 )
+
+
+def test_a_batch_written_in_parts_ends_as_the_source(
+    stack: LocalStack, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One batch holding new texts, a same-text update (a touch), a text emptied and a delete, written in
+    parts of one text each: the deletes, touches and clears go with the first part, and every part
+    lands, as one write would have it."""
+    monkeypatch.setattr(pipeline, "WRITE_PART_MIN_TEXTS", 1)
+    kt = KEY_TYPES["bigint"]
+    table = table_settings(settings, kt, "parts", batch_write_parts=4)
+    source = Source(kt)
+    for n in range(8):
+        source.apply(("write", n, TEXTS[n % 2], False))
+    seeded = len(source.events)
+    for step in [
+        ("write", 0, "gamma", False),
+        ("write", 1, "alpha", False),
+        ("write", 2, "beta", False),
+        ("write", 3, "beta", False),  # its text already: a touch
+        ("write", 4, "", False),  # emptied: its vector goes
+        ("delete", 5),
+    ]:
+        source.apply(step)
+    info = asyncio.run(fresh_tables(table, kt))
+    with psycopg.connect(table.dsn, autocommit=True) as conn:
+        for n, text in source.rows.items():
+            kt.upsert_row(conn, *table.source, n, None, text)
+    stream = [
+        FakeRecord(
+            "cdc.t", 0, offset, orjson.dumps(source._key_fields(e.key)) if e.key is not None else None,
+            orjson.dumps(e.value) if e.value is not None else None,
+        )
+        for offset, e in enumerate(source.events)
+    ]  # fmt: skip
+    for part in (stream[:seeded], stream[seeded:]):  # the batch under test after the seed has landed
+        asyncio.run(run_members(table, info, [part, []], [], [len(stream)]))
+    with psycopg.connect(table.dsn, autocommit=True) as conn:
+        got = vectors(conn, table, kt)
+    assert got == {kt.key_of(n): text_hash(MODEL, text_of(t)) for n, t in source.rows.items() if t}
+    assert kt.key_of(5) not in got and kt.key_of(4) not in got

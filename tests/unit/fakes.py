@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,20 @@ class FakeEmbedder:
                 raise ValueError(f"cannot embed {text!r}")
         vectors = np.stack([unit_vector(t) for t in texts]) if texts else np.zeros((0, 4), np.float32)
         return Embedding(vectors, tokens=sum(len(t.split()) for t in texts), truncated=0)
+
+
+class StuckEmbedder(FakeEmbedder):
+    """A model call that hangs (until `release`, or 5 s): what the CDC_MODEL_TIMEOUT_S watchdog is for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = threading.Event()
+        self.started = 0
+
+    def embed(self, texts: Sequence[str]) -> Embedding:
+        self.started += 1
+        self.release.wait(5)
+        return super().embed(texts)
 
 
 def k(*parts: int | str) -> Key:

@@ -7,13 +7,11 @@ Postgres by tests/integration/test_sink_contract.py and test_sink_properties.py.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 
 import pytest
 from prometheus_client import REGISTRY
 
-from consumer.embedders.base import Embedding
 from consumer.pipeline import BatchProcessor, BatchReport
 from consumer.settings import Settings
 from consumer.sink import State, WriteBatch, WriteResult, text_hash
@@ -24,6 +22,7 @@ from tests.unit.fakes import (
     FakeRecord,
     FakeSink,
     Row,
+    StuckEmbedder,
     Topic,
     k,
     text_of,
@@ -222,18 +221,6 @@ async def test_outcomes_are_counted_only_once_the_batch_is_committed(
 
 
 # --- the model watchdog -----------------------------------------------------------------------------
-
-
-class StuckEmbedder(FakeEmbedder):
-    def __init__(self) -> None:
-        super().__init__()
-        self.release = threading.Event()
-        self.started = 0
-
-    def embed(self, texts: Sequence[str]) -> Embedding:
-        self.started += 1
-        self.release.wait(5)
-        return super().embed(texts)
 
 
 async def test_a_stuck_model_fails_the_batch_once_and_reports_the_stall(
