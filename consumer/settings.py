@@ -191,12 +191,7 @@ class Settings(BaseSettings):
     batch_max_events: int = Field(default=64, ge=1)
     # Events that queued while the previous batch ran come at once; the linger only matters when idle.
     batch_max_wait_ms: int = Field(default=10, ge=0, description="Linger for more after a batch's 1st event.")
-    # The model would idle while a batch's vectors are written (HNSW inserts: about a fifth of the time).
-    batch_write_parts: int = Field(
-        default=4,
-        ge=1,
-        description="Parts a batch's vectors are written in, each while the next is embedded.",
-    )
+    batch_write_parts: int = Field(default=4, ge=1, description="Writes per batch, each beside the model.")
 
     # --- Retry and dead letters -----------------------------------------------------------------
     retry_max_attempts: int = Field(default=5, ge=1, description="Attempts before dead-lettering.")
