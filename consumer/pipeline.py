@@ -134,9 +134,11 @@ WRITE_PART_MIN_TEXTS = 16  # smaller parts would cost the model more than their 
 def write_parts(to_embed: list[_ToEmbed], most: int) -> list[list[_ToEmbed]]:
     """`to_embed` cut into at most `most` parts of at least WRITE_PART_MIN_TEXTS texts, by text length,
     so each part's texts are alike and the model's length-sorted groups stay as full as in one call."""
-    count = max(1, min(most, len(to_embed) // WRITE_PART_MIN_TEXTS))
+    count = min(most, len(to_embed) // WRITE_PART_MIN_TEXTS)
+    if count <= 1:  # the model sorts one call's texts itself
+        return [to_embed] if to_embed else []
     ordered = sorted(to_embed, key=lambda t: len(t[1]))
-    size = max(1, -(-len(ordered) // count))
+    size = -(-len(ordered) // count)
     return [ordered[i : i + size] for i in range(0, len(ordered), size)]
 
 
@@ -302,17 +304,13 @@ class BatchProcessor:
     ) -> frozenset[Key]:
         """Embed and write the batch (`plans` grows by the embedded ones); returns the keys that landed.
 
-        A batch of several parts (`write_parts`) has each part written while the model embeds the next,
-        so the model does not idle through the HNSW inserts. Each part is its own transaction, like the
+        Each part (`write_parts`; one for a small batch) is written while the model embeds the next, so
+        the model does not idle through the HNSW inserts. Each part is its own transaction, like the
         touches decided again in `_touch_again`: a batch's writes need not land together, since each is
         guarded and the batch's offsets commit only after the last, so applying the batch again after a
         failure between them changes nothing that landed.
         """
-        parts = write_parts(to_embed, self._settings.batch_write_parts)
-        if len(parts) <= 1:
-            plans += await self._embed_plans(to_embed, report, failures)
-            landed = await self._write(plans, truncate_at, report)
-            return await self._touch_again(plans, landed, report, failures)
+        parts = write_parts(to_embed, self._settings.batch_write_parts) or [[]]  # [[]]: writes, no texts
         written: set[Key] = set()
         pending: asyncio.Task[frozenset[Key]] | None = None
         first = list(plans)  # the touches, deletes and clears go with the first part, the truncate too
