@@ -37,7 +37,11 @@ EVENTS = Counter(
 BATCHES = Counter(f"{PREFIX}_batches", "Micro-batches processed.")
 BATCH_SIZE = Histogram(f"{PREFIX}_batch_size_events", "Events per micro-batch.", buckets=_SIZE_BUCKETS)
 MODEL_SECONDS = Histogram(f"{PREFIX}_model_seconds", "Model time per batch.", buckets=_SECONDS_BUCKETS)
-DB_SECONDS = Histogram(f"{PREFIX}_db_seconds", "Database time per batch.", buckets=_SECONDS_BUCKETS)
+DB_SECONDS = Histogram(
+    f"{PREFIX}_db_seconds",
+    "Database time per batch (overlapping the model time when written in parts).",
+    buckets=_SECONDS_BUCKETS,
+)
 END_TO_END_SECONDS = Histogram(
     f"{PREFIX}_end_to_end_seconds",
     "Source commit (Debezium source.ts_ms) to vector commit.",

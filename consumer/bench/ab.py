@@ -10,6 +10,7 @@ one go or in parts beside the model (CDC_BATCH_WRITE_PARTS).
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator, Mapping
 from itertools import islice
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any, TypeVar
 
 import psycopg
 
-from consumer.bench.cpus import Split, separated
-from consumer.bench.flops import summary
+from consumer.bench import model as bm
+from consumer.bench.cpus import Split, place, separated
+from consumer.bench.flops import GTE_SMALL, summary
 from consumer.bench.phases import bulk_throughput, steady_load
 from consumer.consumer_process import ConsumerProcess
 from consumer.settings import Settings
@@ -37,6 +39,8 @@ WRITE_POLICIES: dict[str, dict[str, str]] = {
     WRITE_ONCE: {"CDC_BATCH_WRITE_PARTS": "1"},
     WRITE_PARTS: {"CDC_BATCH_WRITE_PARTS": "4"},
 }
+APART = "consumer on a core of its own"
+END_TO_END_APART = f"{APART}, end to end / raw model on its core"
 WARM_UP_S = 5.0
 WARM_UP_ROWS = 128  # a fresh consumer's first batches meet new shapes; not measured
 
@@ -100,24 +104,40 @@ def write_parts_ab(
     say: Say,
 ) -> dict[str, Any]:
     """Bulk loads of `n` new rows each, alternating a batch's vectors written at once and in parts:
-    co-located, and, given a `placement`, with the database on a core of its own (the others for Kafka,
-    Connect and a consumer set up for them), as where Postgres has a host of its own."""
+    co-located, and, given a `placement`, with the consumer on a core of its own and the database, Kafka
+    and Connect on the other, as on hosts apart.
+
+    Apart, each round also runs the raw model on the consumer's core with the consumer's threads, on
+    the texts of that round's load: the ratio of the two is what the consumer itself adds to the model
+    (decoding, the writes it waits for, the Kafka transaction), without the stack's CPU that caps the
+    co-located ratio (bench.cpu_time).
+    """
     settings = Settings.from_env_map(env)
     result: dict[str, Any] = {"texts_per_round": float(n), "rounds": float(rounds)}
-    layouts = {"co-located": None} | ({"database on a core of its own": placement} if placement else {})
+    layouts = {"co-located": None} | ({APART: placement} if placement else {})
+    raw_rates: list[float] = []
     for where, apart in layouts.items():
+        raw = None if apart is None else _raw_on(settings, apart[0].pipeline, say)
 
         def measure(
-            name: str, round_: int, consumer: ConsumerProcess, where: str = where, apart: Any = apart
+            name: str,
+            round_: int,
+            consumer: ConsumerProcess,
+            where: str = where,
+            apart: Any = apart,
+            raw: Callable[[list[dict[str, Any]]], float] | None = raw,
         ) -> float:
             say(f"write A/B, {where}, round {round_}/{rounds}: {name}, COPY {n} rows ...")
+            load = list(islice(rows, n))
             with contextlib.ExitStack() as stack:
                 if apart is not None:
                     layout, database, jvms = apart
-                    stack.enter_context(separated(layout, database, [*jvms, consumer.pid]))
+                    stack.enter_context(separated(layout, [*database, *jvms], [consumer.pid]))
                 bulk_throughput(conn, settings, list(islice(rows, WARM_UP_ROWS)), say)
-                rate = bulk_throughput(conn, settings, list(islice(rows, n)), say)["texts_per_s"]
+                rate = bulk_throughput(conn, settings, load, say)["texts_per_s"]
             say(f"  {rate:.1f} texts/s")
+            if raw is not None and name == WRITE_PARTS:
+                raw_rates.append(raw(load))
             return rate
 
         threads = {} if apart is None else {"CDC_TORCH_THREADS": str(len(apart[0].pipeline))}
@@ -127,4 +147,32 @@ def write_parts_ab(
         say(f"  {where}: parts / once {ratio:.2f} (best of {rounds})")
         result |= {f"{where}, {name}": {"best": max(r), "mean": sum(r) / len(r)} for name, r in rates.items()}
         result[f"{where}, parts to once"] = ratio
+        if raw_rates:
+            result[f"{where}, raw model on the consumer's core"] = {
+                "best": max(raw_rates),
+                "mean": sum(raw_rates) / len(raw_rates),
+            }
+            result[END_TO_END_APART] = max(rates[WRITE_PARTS]) / max(raw_rates)
+            say(
+                f"  {where}: end to end / raw model on its core {result[END_TO_END_APART]:.2f} (best of each)"
+            )
     return result
+
+
+def _raw_on(settings: Settings, cpus: set[int], say: Say) -> Callable[[list[dict[str, Any]]], float]:
+    """The raw model as the consumer there runs it (its threads), measured on `cpus` while the stack
+    idles: texts/s on the rows' texts."""
+    embedder = bm.local_embedder(settings.model_copy(update={"torch_threads": len(cpus)}))
+    everywhere = os.sched_getaffinity(0)
+
+    def run(load: list[dict[str, Any]]) -> float:
+        place([os.getpid()], cpus, tree=False)
+        try:
+            texts = bm.texts_of(load, settings)
+            rate = bm.encode_run(embedder, texts, settings.batch_max_events, GTE_SMALL)["texts_per_s"]
+        finally:
+            place([os.getpid()], everywhere, tree=False)
+        say(f"  raw model on CPU {sorted(cpus)}, {len(texts)} texts: {rate:.1f} texts/s")
+        return rate
+
+    return run
