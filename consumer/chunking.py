@@ -2,9 +2,10 @@
 
 The cutting is semantic-text-splitter's: it splits at the largest natural boundary that still fits
 (paragraphs, then sentences, then words) and counts with the model's own tokenizer, so no chunk is cut
-by the model again. Chosen over semchunk (the same idea, in Python) for its speed (the corpus's longest
-text, 19,476 tokens, splits in 0.16 s) and for taking a Hugging Face tokenizer as it is; it has no
-dependencies.
+by the model again. Chosen over semchunk (the same idea, in Python) for its speed and for taking a
+Hugging Face tokenizer as it is; it has no dependencies. Where the tokenizer reads each word on its own
+(gte-small's family), `token_cuts` finds the same cut points from one tokenization of the text, 3 to 5
+times faster (the library tokenizes each candidate chunk); the library cuts the rest.
 
 The embedding of a document is then its chunks' vectors plus one document vector, their normalised
 mean: the vector table keeps one vector per document (what the search view and the lifecycle
@@ -21,6 +22,7 @@ import numpy as np
 from consumer.embedders.base import Chunk, Embedder, Embedding
 from consumer.errors import OperatorError
 from consumer.settings import Settings, env_name
+from consumer.token_cuts import TokenCuts
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -50,15 +52,20 @@ class Chunker:
                 f"({self.capacity} tokens of text): set it lower"
             )
         self._splitter = TextSplitter.from_huggingface_tokenizer(tokenizer, self.capacity, overlap=overlap)
+        self._cuts = TokenCuts(tokenizer, self.capacity, overlap)
 
     def split(self, text: str) -> list[str]:
         """The text's chunks, in order. A text of white space only is one chunk, as in truncate mode."""
         return self.split_all([text])[0]
 
     def split_all(self, texts: Sequence[str]) -> list[list[str]]:
-        """Each text's chunks. The splitter spreads the texts over the CPUs: at one at a time, splitting
-        the corpus's 20 longest texts took 8% of the time their chunks took the model."""
-        return [chunks or [text] for text, chunks in zip(texts, self._splitter.chunk_all(texts), strict=True)]
+        """Each text's chunks: cut from one tokenization of it where the tokenizer allows, else by the
+        library."""
+        cut = self._cuts.chunk_all(texts)
+        left = [i for i, chunks in enumerate(cut) if chunks is None]
+        for i, chunks in zip(left, self._splitter.chunk_all([texts[i] for i in left]), strict=True):
+            cut[i] = chunks
+        return [chunks or [text] for text, chunks in zip(texts, cut, strict=True)]
 
 
 class ChunkingEmbedder:
