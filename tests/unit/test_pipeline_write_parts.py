@@ -40,6 +40,15 @@ def test_parts_are_cut_by_text_length_and_never_below_the_minimum() -> None:
     assert write_parts([], 4) == []
 
 
+def test_with_chunking_a_few_long_documents_are_parts_by_the_windows_they_fill() -> None:
+    window = 8  # tokens, so a window is 32 characters (CHARS_PER_TOKEN 4)
+    lengths = [32 * chunks for chunks in (1, 2, 3, 4, 6, 8, 10, 12, 14)]  # 60 windows in 9 documents
+    assert len(write_parts(to_embed(lengths), 4)) == 1  # counted as texts: too few to part
+    parts = write_parts(to_embed(lengths), 4, window)  # type: ignore[arg-type]
+    assert [[len(t[1]) // 32 for t in p] for p in parts] == [[1, 2, 3, 4, 6, 8], [10, 12], [14]]
+    assert len(write_parts(to_embed([32] * N), 4, window)) == 4  # type: ignore[arg-type]
+
+
 def mixed_batch(topic: Topic) -> list[FakeRecord]:
     """Creates of texts of many lengths, a same-text update (a touch), a new-text update, deletes, and a
     create that an older change later in the batch must not beat."""
