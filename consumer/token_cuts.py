@@ -54,6 +54,11 @@ class TokenCuts:
     """Chunks of at most `capacity` tokens sharing at most `overlap` with the chunk before."""
 
     def __init__(self, tokenizer: Tokenizer, capacity: int, overlap: int) -> None:
+        if tokenizer.truncation is not None or tokenizer.padding is not None:
+            # a text's tokens would stop at the truncation, and chunks past it would vanish unseen
+            raise ValueError(
+                "chunks are cut by a tokenizer that counts whole texts: no truncation, no padding"
+            )
         self._tokenizer, self._capacity, self._overlap = tokenizer, capacity, overlap
         self.exact = additive(tokenizer)
 

@@ -4,6 +4,7 @@ The tokenizers are built in memory (see tests/unit/test_chunking.py's word-level
 
 from __future__ import annotations
 
+import pytest
 from semantic_text_splitter import TextSplitter
 from tokenizers import Tokenizer, normalizers
 from tokenizers.models import WordPiece
@@ -52,3 +53,10 @@ def test_a_word_longer_than_the_window_is_left_to_the_library() -> None:
     assert Chunker(tokenizer, 10, overlap=0).split(text) == TextSplitter.from_huggingface_tokenizer(
         tokenizer, 10
     ).chunks(text)
+
+
+def test_a_tokenizer_that_truncates_is_refused_since_the_rest_of_a_text_would_vanish() -> None:
+    tokenizer = word_tokenizer()
+    tokenizer.enable_truncation(8)
+    with pytest.raises(ValueError, match="no truncation"):
+        TokenCuts(tokenizer, WINDOW - 2, overlap=0)
