@@ -136,9 +136,10 @@ CHARS_PER_TOKEN = 4
 
 def write_parts(to_embed: list[_ToEmbed], most: int, window: int | None = None) -> list[list[_ToEmbed]]:
     """`to_embed` cut into at most `most` parts of about equal model work, WRITE_PART_MIN_TEXTS texts'
-    at least, by text length, so each part's texts are alike and the model's length-sorted groups stay
-    as full as in one call. A text is one model input; with chunking (`window`: the model's tokens a
-    chunk), as many as the chunks it will be cut into, so a few long documents are written in parts."""
+    a part on average, by text length, so each part's texts are alike and the model's length-sorted
+    groups stay as full as in one call. A text is one model input; with chunking (`window`: the model's
+    tokens a chunk), as many as the chunks it will be cut into, so a few long documents are written in
+    parts."""
     ordered = sorted(to_embed, key=lambda t: len(t[1]))
     weights = [1 if window is None else -(-len(t[1]) // (window * CHARS_PER_TOKEN)) or 1 for t in ordered]
     total = sum(weights)

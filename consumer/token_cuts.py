@@ -73,8 +73,8 @@ class TokenCuts:
         lengths = iter(len(e.ids) for e in counted)
         checked: list[list[str] | None] = []
         for cut in chunks:
-            fits = cut is not None and [next(lengths) <= self._capacity for _ in cut]
-            checked.append(cut if fits and all(fits) else None)
+            fits = cut is not None and max((next(lengths) for _ in cut), default=0) <= self._capacity
+            checked.append(cut if fits else None)
         return checked
 
     def _chunks(self, text: str, encoding: Encoding) -> list[str] | None:
