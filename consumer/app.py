@@ -27,7 +27,7 @@ from aiokafka.errors import KafkaError
 
 from consumer import metrics
 from consumer.batching import gather_batch
-from consumer.commit import Batch, BatchCommitter, names
+from consumer.commit import Batch, BatchCommitter, first_offsets, names
 from consumer.errors import Diagnosis, Disposition, describe, diagnose
 from consumer.events import Origin
 from consumer.health import HealthState
@@ -88,6 +88,9 @@ class EmbeddingConsumer:
                     self._s.batch_max_wait_ms / 1000,
                     IDLE_POLL_S,
                     stop.is_set,
+                    max_bytes=self._s.batch_max_bytes,
+                    size=_size,
+                    give_back=self._give_back,
                 )
                 claim, self._claim = self._claim, {}
                 if records:
@@ -118,6 +121,14 @@ class EmbeddingConsumer:
             if stamp is not None:
                 self._claim.setdefault(tp, stamp)  # a partition assigned anew since is a lost claim
         return [record for records in batches.values() for record in records]
+
+    def _give_back(self, records: Batch) -> None:
+        """Records fetched past the batch's byte budget: rewound to, so the next batches fetch them again
+        (a partition revoked meanwhile is its new owner's, from the committed offset)."""
+        assigned = self._kafka.assignment()
+        for tp, offset in first_offsets(records).items():
+            if tp in assigned:
+                self._kafka.seek(tp, offset)
 
     def _due(self, records: Sequence[ConsumerRecord[bytes, bytes]]) -> Batch:
         """Drop records of revoked partitions; hold back retry records that are not due yet.
@@ -270,6 +281,10 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         self._owner.assigned(set(assigned))
+
+
+def _size(record: Record) -> int:
+    return len(record.key or b"") + len(record.value or b"")
 
 
 def _origin(record: Record) -> Origin:

@@ -138,10 +138,7 @@ class BatchCommitter:
 
     def _drop(self, records: Batch, claim: Claim) -> None:
         """Abandon a batch whose partitions moved; rewind those assigned now, so nothing is skipped."""
-        first: dict[TopicPartition, int] = {}
-        for record in records:
-            tp = TopicPartition(record.topic, record.partition)
-            first[tp] = min(first.get(tp, record.offset), record.offset)
+        first = first_offsets(records)
         rewound = self._ownership.held(claim)
         for tp in rewound:
             self._kafka.seek(tp, first[tp])
@@ -165,6 +162,15 @@ class BatchCommitter:
             await self._kafka.getmany(timeout_ms=int(delay * 1000))
         except KafkaError:  # the batch's next attempt says what is wrong
             await asyncio.sleep(delay)
+
+
+def first_offsets(records: Iterable[Record]) -> dict[TopicPartition, int]:
+    """Each partition's first offset among the records: where to rewind it to fetch them all again."""
+    first: dict[TopicPartition, int] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        first[tp] = min(first.get(tp, record.offset), record.offset)
+    return first
 
 
 def names(partitions: Iterable[TopicPartition]) -> list[str]:

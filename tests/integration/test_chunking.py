@@ -138,3 +138,26 @@ def test_long_texts_are_chunked_found_by_their_end_replaced_whole_and_deleted_wh
         assert chunk_texts(db, view, 3) == [] and len(chunk_texts(db, view, 1)) > 1
     finally:
         assert consumer.stop() == 0
+
+
+def test_a_batch_takes_what_its_byte_budget_allows_and_the_next_batches_the_rest(
+    chunked: dict[str, str], logs_dir: Path, db: psycopg.Connection[Any]
+) -> None:
+    """CDC_BATCH_MAX_BYTES bounds the model time of a batch of long documents. Under a budget below one
+    document each change is a batch of its own, though all queued before the consumer started, and the
+    records a fetch returned past the budget are fetched again: none is skipped."""
+    view = Settings.from_env_map(chunked)
+    texts = longest_texts(9)[3:]
+    db.autocommit = True
+    for n, text in enumerate(texts, start=10):
+        DOCS.upsert_row(db, "public", SOURCE, n, f"long document {n}", text)
+    consumer = ConsumerProcess({**chunked, "CDC_BATCH_MAX_BYTES": "4096"}, logs_dir / "chunk-budget.log")
+    consumer.start()
+    try:
+        consumer.wait_ready()
+        wait_consistent(db, view, [DOCS.values(n) for n in range(10, 10 + len(texts))], timeout_s=300)
+        batches = consumer.metric_sum("cdc_embedder_batch_size_events_count")
+        assert batches >= len(texts)
+        assert consumer.metric_sum("cdc_embedder_batch_size_events_bucket", le="1.0") == batches
+    finally:
+        assert consumer.stop() == 0

@@ -1,4 +1,4 @@
-"""consumer.batching: gather_batch (by count, by time, stop) and collapse (newest change per key)."""
+"""consumer.batching: gather_batch (by count, by size, by time, stop) and collapse (newest change per key)."""
 
 from __future__ import annotations
 
@@ -99,6 +99,40 @@ async def test_early_empty_fetches_use_the_remaining_time(clock: FakeClock) -> N
     fetch = fetcher(clock, *[Step([], 0.25)] * 4)  # binary-exact steps: no float residue at the end
     assert await gather_batch(fetch, max_events=10, linger_s=0.01, idle_s=1.0, clock=clock) == []
     assert [t for _, t in fetch.calls] == [1.0, 0.75, 0.5, 0.25]
+
+
+async def test_gathers_by_size_and_gives_back_what_it_fetched_past_it(clock: FakeClock) -> None:
+    fetch = fetcher(clock, Step(["aaa", "bbb"], 0.01), Step(["cccc", "dd", "e"], 0.01), Step(["f"], 0.0))
+    given_back: list[list[str]] = []
+    batch = await gather_batch(
+        fetch, 10, 0.2, 1.0, clock=clock, max_bytes=10, size=len, give_back=given_back.append
+    )
+    assert batch == ["aaa", "bbb", "cccc"]  # 10 bytes: the next record would be one too many
+    assert given_back == [["dd", "e"]]
+    assert len(fetch.calls) == 2  # nothing fetched after the cut
+
+
+async def test_a_record_over_the_size_bound_is_a_batch_of_its_own(clock: FakeClock) -> None:
+    fetch = fetcher(clock, Step(["huge" * 10, "b"], 0.0), Step(["c"], 0.0))
+    given_back: list[list[str]] = []
+    batch = await gather_batch(
+        fetch, 10, 0.2, 1.0, clock=clock, max_bytes=10, size=len, give_back=given_back.append
+    )
+    assert batch == ["huge" * 10] and given_back == [["b"]]
+
+
+async def test_a_batch_that_fills_its_size_exactly_fetches_no_more(clock: FakeClock) -> None:
+    fetch = fetcher(clock, Step(["aaaaa"], 0.0), Step(["bbbbb"], 0.0), Step(["c"], 0.0))
+    given_back: list[list[str]] = []
+    batch = await gather_batch(
+        fetch, 10, 0.2, 1.0, clock=clock, max_bytes=10, size=len, give_back=given_back.append
+    )
+    assert batch == ["aaaaa", "bbbbb"] and given_back == [] and len(fetch.calls) == 2
+
+
+async def test_without_a_size_bound_size_is_not_a_limit(clock: FakeClock) -> None:
+    fetch = fetcher(clock, Step(["a" * 100, "b" * 100], 0.0))
+    assert await gather_batch(fetch, 2, 0.2, 1.0, clock=clock, size=len) == ["a" * 100, "b" * 100]
 
 
 async def test_should_stop_before_fetching(clock: FakeClock) -> None:

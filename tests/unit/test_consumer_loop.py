@@ -87,10 +87,11 @@ async def loop() -> AsyncIterator[Loop]:
 
 
 @contextlib.asynccontextmanager
-async def running_loop(batch_max_wait_ms: int = 0) -> AsyncIterator[Loop]:
+async def running_loop(batch_max_wait_ms: int = 0, batch_max_bytes: int = 1 << 20) -> AsyncIterator[Loop]:
     """The loop over the fakes, subscribed and assigned TP0 and TP1; `batch_max_wait_ms`: its linger."""
     settings = Settings(
         batch_max_wait_ms=batch_max_wait_ms,
+        batch_max_bytes=batch_max_bytes,
         db_retry_backoff_max_s=0.001,
         shutdown_grace_s=0.01,
         retry_max_attempts=3,
@@ -328,6 +329,17 @@ async def test_a_partition_assigned_again_while_a_batch_gathers_is_rewound_to_wh
         loop.add(b"d")
         await until(lambda: loop.committed() == 4, "the next batch commits")
         assert {offset for partition, offset in loop.processor.applied if partition == 0} == {0, 1, 2, 3}
+
+
+async def test_records_past_a_batchs_byte_budget_are_fetched_again_by_the_next_batches() -> None:
+    """The records a fetch returned past the budget were taken from aiokafka: unless each partition is
+    rewound to them, the next batch would commit past records that were never applied."""
+    async with running_loop(batch_max_bytes=30) as loop:  # records of 13 bytes (key 9, value 4): 2 a batch
+        loop.add(b"aaaa", b"bbbb", b"cccc", b"dddd", b"eeee")
+        loop.add(b"ffff", b"gggg", partition=1)
+        await until(lambda: loop.committed(TP0) == 5 and loop.committed(TP1) == 2, "every record commits")
+        assert max(len(call) for call in loop.processor.calls) == 2
+        assert sorted(loop.processor.applied) == [(0, o) for o in range(5)] + [(1, 0), (1, 1)]  # once each
 
 
 # --- a fatal producer -----------------------------------------------------------------------------
