@@ -188,7 +188,7 @@ class Settings(BaseSettings):
     )
 
     # --- Batching -------------------------------------------------------------------------------
-    batch_max_events: int = Field(default=64, ge=1)
+    batch_max_events: int = Field(default=256, ge=1)
     # Events that queued while the previous batch ran come at once; the linger only matters when idle.
     batch_max_wait_ms: int = Field(default=10, ge=0, description="Linger for more after a batch's 1st event.")
     batch_write_parts: int = Field(default=4, ge=1, description="Writes per batch, each beside the model.")

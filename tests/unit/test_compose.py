@@ -22,6 +22,7 @@ import yaml
 from consumer import health
 from consumer.connectors import connector_config
 from consumer.settings import Settings
+from tests.unit.test_deploy_manifests import WORST_CASE_BATCH_S
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "docker-compose.yml"
@@ -289,7 +290,7 @@ def test_consumer_health_check_is_the_images(services: dict[str, dict[str, Any]]
 def test_consumer_gets_time_to_drain(services: dict[str, dict[str, Any]]) -> None:
     settings = Settings.from_env_map(_env(services["consumer"]))
     grace = services["consumer"]["stop_grace_period"]
-    assert grace.endswith("s") and int(grace[:-1]) >= settings.shutdown_grace_s + 30
+    assert grace.endswith("s") and int(grace[:-1]) >= settings.shutdown_grace_s + WORST_CASE_BATCH_S
 
 
 # --- Prometheus and Grafana -------------------------------------------------------------------------------

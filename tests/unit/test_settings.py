@@ -50,7 +50,7 @@ def test_defaults() -> None:
     assert s.model == DEFAULT_MODEL == "thenlper/gte-small"
     assert s.max_seq_length == 512
     assert s.max_text_chars == 200_000
-    assert (s.batch_max_events, s.batch_max_wait_ms) == (64, 10)
+    assert (s.batch_max_events, s.batch_max_wait_ms) == (256, 10)
     assert s.retry_max_attempts == 5
     assert (s.retry_backoff_initial_s, s.retry_backoff_max_s) == (2.0, 300.0)
     assert (s.http_host, s.http_port) == ("0.0.0.0", 9400)
