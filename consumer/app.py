@@ -18,7 +18,8 @@ import asyncio
 import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -62,6 +63,7 @@ class EmbeddingConsumer:
         self._s = settings
         self._topics = [*(source_topics or [settings.source_topic]), settings.retry_topic]
         self._kafka = kafka
+        self._processor = processor
         self._sink = sink
         self._health = health
         self._lock = asyncio.Lock()  # held while a batch is applied; revocation waits for it
@@ -78,10 +80,18 @@ class EmbeddingConsumer:
 
     # --- the loop -------------------------------------------------------------------------------
     async def run(self, stop: asyncio.Event) -> None:
+        """Gather a batch, apply it; with CDC_EMBED_AHEAD, gather the next one as soon as the model is
+        done with the batch in flight and embed its texts while that one writes and commits."""
         self._kafka.subscribe(self._topics, listener=_Listener(self))
         observer = asyncio.create_task(self._observe(), name="observe")
+        inflight: _InFlight | None = None
         try:
             while not stop.is_set():
+                if inflight is not None:
+                    await inflight.model_free()
+                    if inflight.task.done():  # what it rewound is fetched from here on
+                        await inflight.task
+                        inflight = None
                 records = await gather_batch(
                     self._fetch,
                     self._s.batch_max_events,
@@ -93,13 +103,58 @@ class EmbeddingConsumer:
                     give_back=self._give_back,
                 )
                 claim, self._claim = self._claim, {}
-                if records:
-                    async with self._lock:
-                        await self._apply(self._due(records), claim)
+                if inflight is not None:
+                    records = await self._behind(inflight, records, stop.is_set)
+                    inflight = None
+                if records and not stop.is_set():
+                    inflight = self._start(records, claim)
+                    if not self._s.embed_ahead:
+                        await inflight.task
+                        inflight = None
+            if inflight is not None:  # stopping: finish the batch in flight
+                await inflight.task
         finally:
             self._stopping = True
+            if inflight is not None and not inflight.task.done():  # cancelled: the batch is abandoned
+                inflight.task.cancel()
+                await asyncio.gather(inflight.task, return_exceptions=True)
             observer.cancel()
             self._standstill.close()
+
+    def _start(self, records: Batch, claim: Claim) -> _InFlight:
+        models_done = asyncio.Event()
+
+        async def apply() -> bool:
+            async with self._lock:
+                return await self._apply(self._due(records), claim, models_done.set)
+
+        return _InFlight(records, asyncio.create_task(apply(), name="batch"), models_done)
+
+    async def _behind(self, inflight: _InFlight, records: Batch, stopping: Callable[[], bool]) -> Batch:
+        """Embed `records`' texts while the batch in flight commits; returns them to apply next, or none
+        if that batch was dropped: fetched before its rewind, they go back and come again."""
+        ahead = [r for r in records if r.topic != self._s.retry_topic]  # retries wait for their time
+        early = None
+        if ahead:
+            early = asyncio.create_task(self._processor.embed_ahead(ahead), name="ahead")
+        try:
+            committed = await inflight.task
+            if early is not None and not stopping():
+                await early  # the batch would only queue behind it for the model thread
+        finally:
+            if early is not None and not early.done():  # stopping, or the batch in flight failed
+                early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+        if committed:
+            return records
+        # Each partition back to the first record of either batch: a later offset would skip what the
+        # dropped batch held, an earlier one only applies records again (a no-op for the sink).
+        assigned = self._kafka.assignment()
+        both = first_offsets([*inflight.records, *records])
+        for tp in first_offsets(records):
+            if tp in assigned:
+                self._kafka.seek(tp, both[tp])
+        return []
 
     async def _fetch(self, max_records: int, timeout_s: float) -> Batch:
         try:
@@ -155,21 +210,24 @@ class EmbeddingConsumer:
             due.append(record)
         return due
 
-    async def _apply(self, records: Batch, gathered: Claim) -> None:
+    async def _apply(self, records: Batch, gathered: Claim, models_done: Callable[[], None]) -> bool:
+        """Apply and commit the batch; False if it was dropped (its partitions moved)."""
         if not records:
-            return
+            models_done()
+            return True
         started = time.perf_counter()
         partitions = {TopicPartition(r.topic, r.partition) for r in records}
         claim = {tp: gathered.get(tp, UNSTAMPED) for tp in partitions}
-        committed = await self._committer.commit(records, claim)
+        committed = await self._committer.commit(records, claim, models_done)
         self._standstill.resume_all()
         if committed is None:
-            return
+            return False
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
             self._last_record_ms[tp] = max(self._last_record_ms.get(tp, 0), record.timestamp)
         self._record(records, committed.report, time.perf_counter() - started)
         self._log_routed(committed.sent)
+        return True
 
     # --- bookkeeping ----------------------------------------------------------------------------
     def _record(self, records: Sequence[Record], report: BatchReport, seconds: float) -> None:
@@ -261,6 +319,23 @@ class EmbeddingConsumer:
         metrics.ASSIGNED_PARTITIONS.set(len(assigned))
         self._health.partitions_assigned = bool(assigned)
         log.info("partitions assigned", partitions=names(assigned))
+
+
+@dataclass(frozen=True, slots=True)
+class _InFlight:
+    """A batch being applied, and the event its model calls set when it needs the model no more."""
+
+    records: Batch
+    task: asyncio.Task[bool]
+    models_done: asyncio.Event
+
+    async def model_free(self) -> None:
+        """Until the batch needs the model no more, or has ended (a failure may skip the signal)."""
+        signal = asyncio.ensure_future(self.models_done.wait())
+        try:
+            await asyncio.wait({self.task, signal}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            signal.cancel()
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]

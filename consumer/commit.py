@@ -12,7 +12,7 @@ dropped uncommitted, and the partitions still ours are rewound to it.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -59,8 +59,11 @@ class BatchCommitter:
         self._standstill = standstill
         self._rejected_in_a_row = 0
 
-    async def commit(self, records: Batch, claim: Claim) -> Committed | None:
-        """Apply and commit the batch, holding it until that works; None if it was dropped (fenced)."""
+    async def commit(
+        self, records: Batch, claim: Claim, models_done: Callable[[], None] = lambda: None
+    ) -> Committed | None:
+        """Apply and commit the batch, holding it until that works; None if it was dropped (fenced).
+        `models_done`: called once the batch needs the model no more."""
         isolate = False
         delay = 0.0
         rebuilt = 0  # producers rebuilt in a row for this batch
@@ -69,7 +72,7 @@ class BatchCommitter:
                 self._drop(records, claim)
                 return None
             try:
-                committed = await self._attempt(records, claim, isolate)
+                committed = await self._attempt(records, claim, isolate, models_done)
             except Fenced:
                 self._drop(records, claim)
                 return None
@@ -93,7 +96,9 @@ class BatchCommitter:
             self._standstill.recovered()
             return committed
 
-    async def _attempt(self, records: Batch, claim: Claim, isolate: bool) -> Committed:
+    async def _attempt(
+        self, records: Batch, claim: Claim, isolate: bool, models_done: Callable[[], None]
+    ) -> Committed:
         if self._producer.broken:
             await self._producer.renew()
         offsets: dict[TopicPartition, int] = {}
@@ -104,7 +109,7 @@ class BatchCommitter:
             if isolate:
                 report, rejected_in_a_row = await self._isolated(records)
             else:
-                report, rejected_in_a_row = await self._processor.process(records), 0
+                report, rejected_in_a_row = await self._processor.process(records, models_done), 0
             await self._producer.send_offsets_to_transaction(offsets, self._s.consumer_group)
         self._rejected_in_a_row = rejected_in_a_row
         report.record_metrics()  # now that it is committed: an attempt that failed counts nothing

@@ -55,6 +55,11 @@ CAPTURE_SECONDS = Histogram(
     buckets=_SECONDS_BUCKETS,
 )
 TEXTS_EMBEDDED = Counter(f"{PREFIX}_texts_embedded", "Texts sent through the model.", ["pipeline"])
+TEXTS_AHEAD_UNUSED = Counter(
+    f"{PREFIX}_texts_embedded_ahead_unused",
+    "Texts embedded ahead of their batch (CDC_EMBED_AHEAD) that it did not take: model time spent in vain.",
+    ["pipeline"],
+)
 TOKENS_EMBEDDED = Counter(
     f"{PREFIX}_tokens_embedded", "Tokens sent through the model, after truncation.", ["pipeline"]
 )

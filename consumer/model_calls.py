@@ -9,6 +9,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from concurrent.futures import Executor
+from dataclasses import dataclass
 from typing import Protocol
 
 from consumer import metrics
@@ -41,6 +42,15 @@ class Accounting(Protocol):
     model_s: float
 
 
+@dataclass(slots=True)
+class _Tally:
+    """The accounting of work embedded ahead, which no batch report holds yet."""
+
+    pipeline: str
+    embedded_texts: int = 0
+    model_s: float = 0.0
+
+
 class ModelCalls:
     def __init__(
         self,
@@ -53,11 +63,61 @@ class ModelCalls:
         self._embedder, self._executor = embedder, executor
         self._timeout_s, self._backoff_max_s = timeout_s, backoff_max_s
         self._on_model_stall = on_model_stall
+        self._ahead: dict[bytes, Embedded] = {}  # by text hash: what `embed_ahead` embedded last
+        self._ahead_s_each = 0.0  # its model time per text
+
+    async def embed_ahead(self, texts: list[str], digests: list[bytes], pipeline: str) -> None:
+        """Embed the next batch's texts (`digests`: their `text_hash`es) for `embed_all` to find.
+
+        One attempt, any failure ignored: the batch embeds what is missing itself, with the handling
+        of failures below. What was embedded ahead before is forgotten, so this holds one batch's
+        vectors at most; the model's work is counted now, as it was done.
+        """
+        if self._ahead:  # the batch took the vectors it needed; these it did not
+            metrics.TEXTS_AHEAD_UNUSED.labels(pipeline=pipeline).inc(len(self._ahead))
+            self._ahead.clear()
+        if not texts:
+            return
+        started = time.perf_counter()
+        try:
+            embedding = await self._run_model(texts)
+        except Exception as exc:
+            log.debug("embedding ahead failed; the batch embeds its texts itself", cause=describe(exc))
+            return
+        self._account(embedding, _Tally(pipeline))
+        chunks = embedding.chunks or [()] * len(embedding.vectors)
+        for index, (digest, vector, pieces) in enumerate(
+            zip(digests, embedding.vectors, chunks, strict=True)
+        ):
+            if index not in embedding.rejected:
+                self._ahead[digest] = (vector, pieces)
+        self._ahead_s_each = (time.perf_counter() - started) / len(texts)
 
     async def embed_all(
-        self, texts: list[str], report: Accounting
+        self, texts: list[str], report: Accounting, digests: list[bytes] | None = None
     ) -> tuple[list[Embedded | None], dict[int, tuple[ErrorClass, str]]]:
         """Embed the batch; returns a vector (and its chunks) or an error (class, reason) per text.
+
+        Texts whose hash (`digests`) `embed_ahead` embedded take that vector and its share of the
+        model time; the others are embedded here.
+        """
+        ahead = [self._ahead.pop(d, None) for d in digests] if digests else [None] * len(texts)
+        missing = [i for i, found in enumerate(ahead) if found is None]
+        found = len(texts) - len(missing)
+        report.embedded_texts += found
+        report.model_s += found * self._ahead_s_each
+        if not found:
+            return await self._embed(texts, report)
+        results: list[Embedded | None] = list(ahead)
+        embedded, errors = await self._embed([texts[i] for i in missing], report) if missing else ([], {})
+        for index, result in zip(missing, embedded, strict=True):
+            results[index] = result
+        return results, {missing[i]: error for i, error in errors.items()}
+
+    async def _embed(
+        self, texts: list[str], report: Accounting
+    ) -> tuple[list[Embedded | None], dict[int, tuple[ErrorClass, str]]]:
+        """Embed `texts`; returns a vector (and its chunks) or an error (class, reason) per text.
 
         What a failure means comes from its type (consumer.errors), and only a failure of unknown kind
         (a local model's exception) makes the batch go text by text so that only the failing ones are

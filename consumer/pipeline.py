@@ -19,10 +19,7 @@ from typing import Protocol
 from consumer import metrics
 from consumer.batching import collapse
 from consumer.embedders.base import Chunk, Embedder, Vector
-from consumer.errors import (
-    ErrorClass,
-    EventError,
-)
+from consumer.errors import ErrorClass, EventError, describe
 from consumer.events import Change, Key, Op, Origin, decode, op_label
 from consumer.logs import get_logger
 from consumer.model_calls import ModelCalls
@@ -178,22 +175,62 @@ class BatchProcessor:
             embedder, executor, settings.model_timeout_s, settings.db_retry_backoff_max_s, on_model_stall
         )
 
-    async def process(self, records: Sequence[Record]) -> BatchReport:
+    async def process(
+        self, records: Sequence[Record], models_done: Callable[[], None] = lambda: None
+    ) -> BatchReport:
         """Apply the batch. Raises only when the database or broker is unreachable (nothing committed)."""
-        report, failures = await self.apply(records)
+        report, failures = await self.apply(records, models_done)
         await self.route(failures, report)
         return report
 
-    async def apply(self, records: Sequence[Record]) -> tuple[BatchReport, list[Failure]]:
+    async def apply(
+        self, records: Sequence[Record], models_done: Callable[[], None] = lambda: None
+    ) -> tuple[BatchReport, list[Failure]]:
         """Embed and write the batch; the failures are routed by `route`, the batch's first Kafka send.
 
         Apart, so that several pipelines' parts of one batch (consumer.router) are all written before
         the transaction's timeout starts: a send starts it on the broker, and a later part may wait for
-        its embedding server.
+        its embedding server. `models_done` is called once the batch needs the model no more (bar a
+        touch decided again), for the next batch's texts to be embedded ahead (`embed_ahead`).
         """
         report = BatchReport(self.name)
         failures: list[Failure] = []
-        decoded = self._decode(records, failures)
+        winners, truncate = self._winners(self._decode(records, failures), report)
+        plans, to_embed = await self._plan(winners, report, failures)
+        truncate_at = truncate.change.position if truncate else None
+        landed = await self._embed_and_write(plans, to_embed, truncate_at, report, failures, models_done)
+        committed_at = time.time()
+        for plan in plans:
+            if plan.dead_letter is not None and plan.write.key in landed:
+                failures.append(plan.dead_letter)
+                continue
+            outcome = plan.outcome if plan.write.key in landed else "superseded"
+            report.add(plan.item.change.op.label, outcome)
+            if outcome in WRITTEN:
+                self._freshness(plan.item, committed_at, report)
+        if truncate is not None:
+            report.add(truncate.change.op.label, "table_cleared")
+            self._freshness(truncate, committed_at, report)
+        return report, failures
+
+    async def embed_ahead(self, records: Sequence[Record]) -> None:
+        """Embed the texts that applying `records` would embed, from what the table holds now, while the
+        batch before them is written and committed; `apply` takes those vectors instead of calling the
+        model. A guess: the batch before may change what these need, which `apply` decides anew."""
+        scratch = BatchReport(self.name)
+        try:
+            winners, _ = self._winners(self._decode(records, []), scratch)
+            _, to_embed = await self._plan(winners, scratch, [])
+        except Exception as exc:  # the database: the batch meets the failure itself, and handles it
+            log.debug("planning ahead failed; the batch embeds its texts itself", cause=describe(exc))
+            return
+        await self._model.embed_ahead([t for _, t, _ in to_embed], [d for _, _, d in to_embed], self.name)
+
+    def _winners(
+        self, decoded: list[_Decoded], report: BatchReport
+    ) -> tuple[list[_Decoded], _Decoded | None]:
+        """The changes that decide their keys' rows (the newest of each key, none a truncate removes),
+        and the batch's last truncate; the others are reported superseded or ignored."""
         truncates = [d for d in decoded if d.change.op is Op.TRUNCATE]
         truncate = max(truncates, key=lambda d: d.change.position, default=None)
         live = []
@@ -212,23 +249,7 @@ class BatchProcessor:
         by_change = {id(d.change): d for d in live}
         for change in losers:
             report.add(change.op.label, "superseded")
-
-        plans, to_embed = await self._plan([by_change[id(c)] for c in winners.values()], report, failures)
-        truncate_at = truncate.change.position if truncate else None
-        landed = await self._embed_and_write(plans, to_embed, truncate_at, report, failures)
-        committed_at = time.time()
-        for plan in plans:
-            if plan.dead_letter is not None and plan.write.key in landed:
-                failures.append(plan.dead_letter)
-                continue
-            outcome = plan.outcome if plan.write.key in landed else "superseded"
-            report.add(plan.item.change.op.label, outcome)
-            if outcome in WRITTEN:
-                self._freshness(plan.item, committed_at, report)
-        if truncate is not None:
-            report.add(truncate.change.op.label, "table_cleared")
-            self._freshness(truncate, committed_at, report)
-        return report, failures
+        return [by_change[id(c)] for c in winners.values()], truncate
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:
         """Route one record straight to its next topic (the dead-letter topic for permanent errors)."""
@@ -315,6 +336,7 @@ class BatchProcessor:
         truncate_at: int | None,
         report: BatchReport,
         failures: list[Failure],
+        models_done: Callable[[], None],
     ) -> frozenset[Key]:
         """Embed and write the batch (`plans` grows by the embedded ones); returns the keys that landed.
 
@@ -347,6 +369,7 @@ class BatchProcessor:
                     written |= await pending
                 rows, truncate = (first + embedded, truncate_at) if index == 0 else (embedded, None)
                 pending = asyncio.create_task(self._write(rows, truncate, report))
+            models_done()
             assert pending is not None
             written |= await pending
         finally:
@@ -363,7 +386,9 @@ class BatchProcessor:
     ) -> list[_Plan]:
         if not to_embed:
             return []
-        embedded, errors = await self._model.embed_all([t for _, t, _ in to_embed], report)
+        embedded, errors = await self._model.embed_all(
+            [t for _, t, _ in to_embed], report, [d for _, _, d in to_embed]
+        )
         plans = []
         for index, (item, text, digest) in enumerate(to_embed):
             result = embedded[index]

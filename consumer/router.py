@@ -4,7 +4,7 @@ all pipelines of a consumer group share one retry topic."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -19,7 +19,11 @@ from consumer.retry import H_PIPELINE, RetryState
 class Processor(Protocol):
     """What the consumer loop applies batches with: one pipeline, or the router over several."""
 
-    async def process(self, records: Sequence[Record]) -> BatchReport: ...
+    async def process(self, records: Sequence[Record], models_done: Callable[[], None] = ...) -> BatchReport:
+        """Apply the batch; `models_done` is called once it needs the model no more."""
+
+    async def embed_ahead(self, records: Sequence[Record]) -> None:
+        """Embed what the batch of `records` will need, while the one before it commits."""
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport: ...
 
@@ -27,9 +31,15 @@ class Processor(Protocol):
 class Stage(Processor, Protocol):
     """One pipeline's processor, whose writes and Kafka sends the router can run apart."""
 
-    async def apply(self, records: Sequence[Record]) -> tuple[BatchReport, list[Failure]]: ...
+    async def apply(
+        self, records: Sequence[Record], models_done: Callable[[], None] = ...
+    ) -> tuple[BatchReport, list[Failure]]: ...
 
     async def route(self, failures: list[Failure], report: BatchReport) -> None: ...
+
+
+def _nothing() -> None:
+    pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +78,19 @@ class Router:
         named = [r for r in routes if failed_in is not None and r.name == failed_in.decode(errors="replace")]
         return named or routes  # a replayed dead letter, or one of a pipeline since renamed: all of them
 
-    async def process(self, records: Sequence[Record]) -> BatchReport:
-        parts: dict[int, list[Record]] = {}
-        strays: list[Record] = []
-        for record in records:
-            routes = self.routes_of(record)
-            for route in routes:
-                parts.setdefault(id(route), []).append(record)
-            if not routes:
-                strays.append(record)
+    async def process(
+        self, records: Sequence[Record], models_done: Callable[[], None] = _nothing
+    ) -> BatchReport:
+        parts, strays = self._split(records)
         # every part is written before any is routed: the first send starts the transaction's timeout
         applied: list[tuple[Route, BatchReport, list[Failure]]] = []
-        for route in self._routes:
-            if part := parts.get(id(route)):
-                with structlog.contextvars.bound_contextvars(pipeline=route.name):
-                    applied.append((route, *await route.processor.apply(part)))
+        last = list(parts)[-1] if parts else None
+        for route, part in parts.items():
+            done = models_done if route is last else _nothing  # the next part still calls the model
+            with structlog.contextvars.bound_contextvars(pipeline=route.name):
+                applied.append((route, *await route.processor.apply(part, done)))
+        if not parts:
+            models_done()
         report = BatchReport()
         for route, part_report, failures in applied:
             with structlog.contextvars.bound_contextvars(pipeline=route.name):
@@ -92,6 +100,22 @@ class Router:
             stray = await self._fallback.dead_letter(record, ErrorClass.NO_PIPELINE, self._stray(record))
             report.merge(stray)
         return report
+
+    async def embed_ahead(self, records: Sequence[Record]) -> None:
+        for route, part in self._split(records)[0].items():
+            await route.processor.embed_ahead(part)
+
+    def _split(self, records: Sequence[Record]) -> tuple[dict[Route, list[Record]], list[Record]]:
+        """The batch's part of each pipeline, in the order of the pipelines; and the records of none."""
+        parts: dict[Route, list[Record]] = {route: [] for route in self._routes}
+        strays: list[Record] = []
+        for record in records:
+            routes = self.routes_of(record)
+            for route in routes:
+                parts[route].append(record)
+            if not routes:
+                strays.append(record)
+        return {route: part for route, part in parts.items() if part}, strays
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:
         report = BatchReport()

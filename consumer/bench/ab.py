@@ -3,8 +3,8 @@ lever's effect to show in runs apart.
 
 Each round starts a consumer per policy in turn (same group, same stack, past its start-up audit) and
 measures it under the same load; the results of all rounds are pooled per policy. Two A/Bs use it:
-freshness at half load under Kafka's fetch wait, and bulk throughput with a batch's vectors written in
-one go or in parts beside the model (CDC_BATCH_WRITE_PARTS).
+freshness at half load with the next batch embedded ahead or not (CDC_EMBED_AHEAD), and bulk throughput
+with a batch's vectors written in one go or in parts beside the model (CDC_BATCH_WRITE_PARTS).
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from consumer.settings import Settings
 
 Say = Callable[[str], None]
 T = TypeVar("T")
-BEFORE = "CDC_KAFKA_FETCH_MAX_WAIT_MS=500 (Kafka's default; before)"
-DEFAULT = "CDC_KAFKA_FETCH_MAX_WAIT_MS=50 (the default)"
+# Until 2026-12-07 this A/B was Kafka's fetch wait: 500 ms (its default) against 50 (ours; README).
+BEFORE = "CDC_EMBED_AHEAD=false (one batch at a time; before)"
+DEFAULT = "CDC_EMBED_AHEAD=true (the default)"
 POLICIES: dict[str, dict[str, str]] = {
-    BEFORE: {"CDC_KAFKA_FETCH_MAX_WAIT_MS": "500"},
-    DEFAULT: {"CDC_KAFKA_FETCH_MAX_WAIT_MS": "50"},
+    BEFORE: {"CDC_EMBED_AHEAD": "false"},
+    DEFAULT: {"CDC_EMBED_AHEAD": "true"},
 }
 WRITE_ONCE = "CDC_BATCH_WRITE_PARTS=1 (one write after the model; before)"
 WRITE_PARTS = "CDC_BATCH_WRITE_PARTS=4 (the default)"

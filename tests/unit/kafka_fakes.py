@@ -244,13 +244,17 @@ class FakeProcessor:
         self._publisher = publisher
         self.calls: list[list[tuple[int, int]]] = []  # (partition, offset) of each call's records
         self.applied: list[tuple[int, int]] = []
+        self.ahead: list[list[tuple[int, int]]] = []  # (partition, offset) of each embed_ahead's records
         self.faults: list[Exception] = []  # raised by the next process calls, one each
         self.rejects: dict[tuple[int, int], Exception] = {}  # records the database rejects for their values
         self.during: Callable[[], Awaitable[None]] | None = None  # awaited inside each process call
 
-    async def process(self, records: Sequence[Record]) -> BatchReport:
+    async def process(
+        self, records: Sequence[Record], models_done: Callable[[], None] = lambda: None
+    ) -> BatchReport:
         ids = [(r.partition, r.offset) for r in records]
         self.calls.append(ids)
+        models_done()  # what follows is the write and the routing, beside the next batch's embedding
         if self.during is not None:
             await self.during()
         if self.faults:
@@ -268,6 +272,9 @@ class FakeProcessor:
                 report.outcomes["embedded"] += 1
         self.applied += ids
         return report
+
+    async def embed_ahead(self, records: Sequence[Record]) -> None:
+        self.ahead.append([(r.partition, r.offset) for r in records])
 
     async def dead_letter(self, record: Record, error_class: ErrorClass, message: str) -> BatchReport:
         report = BatchReport()

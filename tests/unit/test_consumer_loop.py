@@ -87,11 +87,14 @@ async def loop() -> AsyncIterator[Loop]:
 
 
 @contextlib.asynccontextmanager
-async def running_loop(batch_max_wait_ms: int = 0, batch_max_bytes: int = 1 << 20) -> AsyncIterator[Loop]:
+async def running_loop(
+    batch_max_wait_ms: int = 0, batch_max_bytes: int = 1 << 20, embed_ahead: bool = True
+) -> AsyncIterator[Loop]:
     """The loop over the fakes, subscribed and assigned TP0 and TP1; `batch_max_wait_ms`: its linger."""
     settings = Settings(
         batch_max_wait_ms=batch_max_wait_ms,
         batch_max_bytes=batch_max_bytes,
+        embed_ahead=embed_ahead,
         db_retry_backoff_max_s=0.001,
         shutdown_grace_s=0.01,
         retry_max_attempts=3,
@@ -340,6 +343,85 @@ async def test_records_past_a_batchs_byte_budget_are_fetched_again_by_the_next_b
         await until(lambda: loop.committed(TP0) == 5 and loop.committed(TP1) == 2, "every record commits")
         assert max(len(call) for call in loop.processor.calls) == 2
         assert sorted(loop.processor.applied) == [(0, o) for o in range(5)] + [(1, 0), (1, 1)]  # once each
+
+
+# --- the next batch embedded ahead (CDC_EMBED_AHEAD) ---------------------------------------------
+
+
+def blocking(loop: Loop) -> tuple[asyncio.Event, asyncio.Event]:
+    """Make the next batch wait, past its model calls, until `release` is set; `entered` once it does."""
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def wait() -> None:
+        entered.set()
+        loop.processor.during = None
+        await release.wait()
+
+    loop.processor.during = wait
+    return entered, release
+
+
+async def test_the_next_batch_is_embedded_ahead_while_one_commits_and_applied_after_it(loop: Loop) -> None:
+    entered, release = blocking(loop)
+    loop.add(b"a")
+    await entered.wait()
+    loop.add(b"b", b"c")
+    loop.add(b"d", partition=1)
+    await until(lambda: len(loop.processor.ahead) == 1, "the next batch embedded ahead")
+    assert sorted(loop.processor.ahead[0]) == [(0, 1), (0, 2), (1, 0)]
+    assert loop.processor.calls == [[(0, 0)]] and loop.committed() == 0  # the first is still in flight
+    release.set()
+    await until(lambda: loop.committed() == 3 and loop.committed(TP1) == 1, "both commit")
+    assert [sorted(call) for call in loop.processor.calls] == [[(0, 0)], [(0, 1), (0, 2), (1, 0)]]
+
+
+async def test_without_embedding_ahead_the_next_batch_is_fetched_after_one_commits() -> None:
+    async with running_loop(embed_ahead=False) as loop:
+        entered, release = blocking(loop)
+        loop.add(b"a")
+        await entered.wait()
+        loop.add(b"b")
+        for _ in range(50):
+            await asyncio.sleep(0.001)
+        assert loop.kafka.positions[TP0] == 1 and loop.processor.ahead == []
+        release.set()
+        await until(lambda: loop.committed() == 2, "both commit")
+        assert loop.processor.calls == [[(0, 0)], [(0, 1)]] and loop.processor.ahead == []
+
+
+async def test_a_batch_fetched_behind_one_that_is_dropped_is_rewound_and_applied_after_it(loop: Loop) -> None:
+    """The next batch was fetched while the one before was in flight, which is then dropped (its
+    partitions moved and came back) and rewound. The next one must go back too, on every partition, to
+    the earliest record of either: applied alone, it would be dropped as well and rewind past the
+    records of the first."""
+    entered, release = blocking(loop)
+    loop.add(b"a")
+    await entered.wait()
+    loop.add(b"b")
+    loop.add(b"c", partition=1)
+    await until(lambda: len(loop.processor.ahead) == 1, "the next batch embedded ahead")
+    await loop.kafka.rebalance({TP0, TP1})  # ours again, but in a new generation
+    release.set()
+    await until(lambda: loop.committed() == 2 and loop.committed(TP1) == 1, "all commit")
+    assert len(loop.events(DROPPED)) == 1
+    assert [sorted(call) for call in loop.processor.calls] == [[(0, 0)], [(0, 0), (0, 1), (1, 0)]]
+
+
+async def test_a_batch_fetched_behind_one_that_is_dropped_goes_back_on_partitions_that_one_had_not(
+    loop: Loop,
+) -> None:
+    entered, release = blocking(loop)
+    loop.add(b"a")
+    await entered.wait()
+    loop.add(b"b", partition=1)
+    await until(lambda: len(loop.processor.ahead) == 1, "the next batch embedded ahead")
+    loop.kafka.expel()
+    release.set()
+    await until(lambda: bool(loop.events(DROPPED)), "the batch in flight is dropped")
+    await until(lambda: (TP1, 0) in loop.kafka.seeks, "the next batch is rewound too")
+    assert loop.committed() == 0 and loop.committed(TP1) == 0
+    await loop.kafka.rebalance({TP0, TP1})  # the member joins again
+    await until(lambda: loop.committed() == 1 and loop.committed(TP1) == 1, "both commit")
 
 
 # --- a fatal producer -----------------------------------------------------------------------------

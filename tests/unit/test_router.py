@@ -14,7 +14,7 @@ from consumer.retry import H_ORIGINAL_TOPIC, RetryPolicy, RetryState
 from consumer.router import Route, Router
 from consumer.settings import Settings
 from consumer.spec import PipelineSpec
-from tests.unit.fakes import DLQ_TOPIC, FakeEmbedder, FakePublisher, FakeSink, Topic, k
+from tests.unit.fakes import DLQ_TOPIC, FakeEmbedder, FakePublisher, FakeSink, Topic, k, text_of
 
 PROCESS = Settings()
 SPECS = {
@@ -36,12 +36,13 @@ class Two:
         self.sinks = {name: FakeSink() for name in SPECS}
         self.views = {name: spec.settings(PROCESS) for name, spec in SPECS.items()}
         self.topics = {name: Topic(view.source_topic) for name, view in self.views.items()}
+        self.embedders = {name: FakeEmbedder() for name in SPECS}
         self.router = Router(
             [
                 Route(
                     view.source_topic,
                     name,
-                    BatchProcessor(view, FakeEmbedder(), self.sinks[name], self.publisher),
+                    BatchProcessor(view, self.embedders[name], self.sinks[name], self.publisher),
                 )
                 for name, view in self.views.items()
             ]
@@ -67,6 +68,26 @@ async def test_each_record_lands_in_its_own_pipeline_and_is_counted_there() -> N
         "notes": 2,
         "tickets": 1,
     }
+
+
+async def test_each_pipeline_embeds_its_part_ahead_and_the_model_is_free_after_the_last_ones() -> None:
+    two = Two()
+    notes, tickets = two.topics["notes"], two.topics["tickets"]
+    batch = [notes.create(1, 100, "a"), tickets.create(1, 101, "b"), notes.create(2, 102, "c")]
+    await two.router.embed_ahead(batch)
+    calls = {name: e.calls for name, e in two.embedders.items()}
+    assert calls == {"notes": [[text_of("a"), text_of("c")]], "tickets": [[text_of("b")]]}
+    await two.router.process(batch)
+    assert calls == {"notes": [[text_of("a"), text_of("c")]], "tickets": [[text_of("b")]]}  # none again
+
+    fresh = Two()
+    notes, tickets = fresh.topics["notes"], fresh.topics["tickets"]
+    freed: list[dict[str, int]] = []  # the model calls made when the batch said it needs the model no more
+    await fresh.router.process(
+        [notes.create(1, 100, "a"), tickets.create(1, 101, "b")],
+        lambda: freed.append({name: len(e.calls) for name, e in fresh.embedders.items()}),
+    )
+    assert freed == [{"notes": 1, "tickets": 1}]
 
 
 async def test_a_retry_record_goes_back_to_the_pipeline_it_came_from() -> None:
