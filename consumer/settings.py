@@ -190,7 +190,7 @@ class Settings(BaseSettings):
     # --- Batching -------------------------------------------------------------------------------
     batch_max_events: int = Field(default=256, ge=1)
     batch_max_wait_ms: int = Field(default=10, ge=0, description="Linger for more after a batch's 1st event.")
-    batch_write_parts: int = Field(default=4, ge=1, description="Writes per batch, each beside the model.")
+    batch_write_parts: int = Field(default=1, ge=1, description="Writes per batch, each beside the model.")
     # Bounds a batch's model time with long rows (chunking: 1 MiB ~ 250,000 tokens) within Kafka's
     # max.poll.interval.ms and CDC_MODEL_TIMEOUT_S (300 s each): a batch outliving them would repeat.
     batch_max_bytes: int = Field(default=1 << 20, ge=1, description="Bytes of records a batch takes.")

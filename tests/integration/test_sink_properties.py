@@ -210,12 +210,12 @@ def text_of(body: str) -> str:
 def test_two_members_converge_on_the_source_state(
     stack: LocalStack, settings: Settings, key_type: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Batches of two or more texts to embed are written in parts (CDC_BATCH_WRITE_PARTS), one text and
-    # one transaction each, so the parts meet the races and redeliveries drawn here; one-text batches
-    # keep the single write.
+    # Batches of two or more texts to embed are written in parts (CDC_BATCH_WRITE_PARTS 4, not the
+    # default), one text and one transaction each, so the parts meet the races and redeliveries drawn
+    # here; one-text batches keep the single write.
     monkeypatch.setattr(pipeline, "WRITE_PART_MIN_TEXTS", 1)
     kt = KEY_TYPES[key_type]
-    table = table_settings(settings, kt, "property")
+    table = table_settings(settings, kt, "property", batch_write_parts=4)
 
     @settings_for_stack
     # the cases that broke earlier versions, always tried first:
