@@ -76,6 +76,7 @@ class ModelCalls:
         if self._ahead:  # the batch took the vectors it needed; these it did not
             metrics.TEXTS_AHEAD_UNUSED.labels(pipeline=pipeline).inc(len(self._ahead))
             self._ahead.clear()
+        texts, digests = _distinct(texts, digests)
         if not texts:
             return
         started = time.perf_counter()
@@ -94,14 +95,24 @@ class ModelCalls:
         self._ahead_s_each = (time.perf_counter() - started) / len(texts)
 
     async def embed_all(
-        self, texts: list[str], report: Accounting, digests: list[bytes] | None = None
+        self, texts: list[str], report: Accounting, digests: list[bytes]
     ) -> tuple[list[Embedded | None], dict[int, tuple[ErrorClass, str]]]:
         """Embed the batch; returns a vector (and its chunks) or an error (class, reason) per text.
 
-        Texts whose hash (`digests`) `embed_ahead` embedded take that vector and its share of the
-        model time; the others are embedded here.
+        A text the batch holds more than once (rows of one text: a template, a placeholder) is embedded
+        once, every copy given its result. Texts whose hash (`digests`) `embed_ahead` embedded take that
+        vector and its share of the model time; the others are embedded here.
         """
-        ahead = [self._ahead.pop(d, None) for d in digests] if digests else [None] * len(texts)
+        distinct, distinct_digests = _distinct(texts, digests)
+        slot = {digest: index for index, digest in enumerate(distinct_digests)}
+        results, errors = await self._embed_distinct(distinct, report, distinct_digests)
+        slots = [slot[digest] for digest in digests]
+        return [results[s] for s in slots], {p: errors[s] for p, s in enumerate(slots) if s in errors}
+
+    async def _embed_distinct(
+        self, texts: list[str], report: Accounting, digests: list[bytes]
+    ) -> tuple[list[Embedded | None], dict[int, tuple[ErrorClass, str]]]:
+        ahead = [self._ahead.pop(d, None) for d in digests]
         missing = [i for i, found in enumerate(ahead) if found is None]
         found = len(texts) - len(missing)
         report.embedded_texts += found
@@ -241,3 +252,11 @@ class ModelCalls:
                 metrics.CHUNKS_PER_DOCUMENT.labels(pipeline=report.pipeline).observe(len(chunks))
                 if len(chunks) > 1:
                     metrics.CHUNKED_DOCUMENTS.labels(pipeline=report.pipeline).inc()
+
+
+def _distinct(texts: list[str], digests: list[bytes]) -> tuple[list[str], list[bytes]]:
+    """Each text once (by its hash), in the order of its first copy."""
+    first: dict[bytes, str] = {}
+    for text, digest in zip(texts, digests, strict=True):
+        first.setdefault(digest, text)
+    return list(first.values()), list(first)

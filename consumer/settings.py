@@ -11,12 +11,11 @@ import re
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit
 
-from psycopg import ProgrammingError
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from consumer import conninfo
 
 if TYPE_CHECKING:
     from consumer.embedders.openai import OpenAIEmbedderSpec
@@ -24,7 +23,6 @@ if TYPE_CHECKING:
 ENV_PREFIX = "CDC_"
 DEFAULT_MODEL = "thenlper/gte-small"
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_$]*$")
-_URL_SCHEMES = ("postgresql://", "postgres://")  # libpq's; anything else is key=value conninfo
 
 
 class SettingsError(ValueError):
@@ -246,13 +244,7 @@ class Settings(BaseSettings):
     @classmethod
     def _conninfo(cls, value: str | None) -> str | None:
         if value is not None:
-            try:
-                conninfo_to_dict(value)
-            except ProgrammingError:
-                # libpq's message may quote a fragment of the string, which may be the password
-                raise ValueError(
-                    "is neither a postgresql:// URL nor a key=value connection string libpq accepts"
-                ) from None
+            conninfo.check(value)
         return value
 
     @field_validator("source_table", "vector_table", "search_view")
@@ -373,15 +365,16 @@ class Settings(BaseSettings):
     @cached_property
     def dsn(self) -> str:
         """The source database: the source tables, Debezium's publication and signal table."""
-        return self._with_sslmode(
-            self.database_url or f"postgresql://cdc:cdc@127.0.0.1:{self.stack_pg_port}/cdc"
+        return conninfo.with_sslmode(
+            self.database_url or f"postgresql://cdc:cdc@127.0.0.1:{self.stack_pg_port}/cdc",
+            self.database_sslmode,
         )
 
     @cached_property
     def vector_dsn(self) -> str:
         """The database of the vector tables: the source's, unless one of its own is set."""
         if self.vector_database_url:
-            return self._with_sslmode(self.vector_database_url)
+            return conninfo.with_sslmode(self.vector_database_url, self.database_sslmode)
         if self.stack_vector_database and self.uses_embedded_postgres:
             return f"postgresql://cdc:cdc@127.0.0.1:{self.stack_vector_pg_port}/cdc"
         return self.dsn
@@ -389,13 +382,6 @@ class Settings(BaseSettings):
     @property
     def separate_vector_database(self) -> bool:
         return self.vector_dsn != self.dsn
-
-    def _with_sslmode(self, url: str) -> str:
-        if not self.database_sslmode:
-            return url
-        if not url.startswith(_URL_SCHEMES):
-            return make_conninfo(url, sslmode=self.database_sslmode)
-        return url + ("&" if "?" in url else "?") + f"sslmode={self.database_sslmode}"
 
     @cached_property
     def bootstrap_servers(self) -> str:
@@ -453,38 +439,12 @@ class Settings(BaseSettings):
         return f"{self.consumer_group}.dlq"
 
     def database_parts(self, dsn: str | None = None) -> dict[str, str]:
-        """Host, port, user, password and database name (of the source unless `dsn` is given), as
-        Debezium's connector config wants them."""
-        params = {k: str(v) for k, v in conninfo_to_dict(dsn or self.dsn).items()}  # URL or conninfo, decoded
-        return {
-            "hostname": params.get("host") or "127.0.0.1",
-            "port": params.get("port") or "5432",
-            "user": params.get("user", ""),
-            "password": params.get("password", ""),
-            "dbname": params.get("dbname") or "postgres",
-        }
+        """Host, port, user, password and database name of the source (or of `dsn`), for Debezium."""
+        return conninfo.parts(dsn or self.dsn)
 
     def redacted_dsn(self, dsn: str | None = None) -> str:
-        """The database URL or conninfo (the source's unless `dsn` is given) for logs: passwords
-        (wherever they are given) masked."""
-        dsn = dsn or self.dsn
-        if not dsn.startswith(_URL_SCHEMES):
-            params = conninfo_to_dict(dsn)
-            if "password" in params:
-                params["password"] = "***"
-            return make_conninfo("", **params)
-        parts = urlsplit(dsn)
-        netloc = parts.netloc
-        if parts.password is not None:
-            netloc = netloc.replace(f":{parts.password}@", ":***@")
-        query = urlencode(
-            [
-                (k, "***" if k.lower() == "password" else v)
-                for k, v in parse_qsl(parts.query, keep_blank_values=True)
-            ],
-            safe="*",
-        )
-        return parts._replace(netloc=netloc, query=query).geturl()
+        """The source database's URL or conninfo (or `dsn`) for logs, passwords masked."""
+        return conninfo.redacted(dsn or self.dsn)
 
 
 def load_settings() -> Settings:

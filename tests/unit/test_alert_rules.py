@@ -64,6 +64,7 @@ DASHBOARD_REQUIRED_METRICS = frozenset(
     {
         "cdc_embedder_events_total",
         "cdc_embedder_texts_embedded_total",
+        "cdc_embedder_texts_embedded_ahead_unused_total",
         "cdc_embedder_end_to_end_seconds_bucket",
         "cdc_embedder_capture_seconds_bucket",
         "cdc_embedder_consumer_lag_messages",
