@@ -158,6 +158,8 @@ async def _load_embedders(
         # chunking wraps the shared model per pipeline: one may chunk what another truncates
         embedder = embedders[view.pipeline] = with_chunking(loaded[how], view)
         metrics.record_model_info(view.pipeline, embedder.name, embedder.dimension, embedder.dtype)
+        if view.embed_ahead:  # its series from the start: no guess wasted yet reads 0, not "no data"
+            metrics.TEXTS_AHEAD_UNUSED.labels(pipeline=view.pipeline)
     return embedders
 
 
