@@ -291,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--ab-seconds", type=float, help="steady load per A/B policy and round")
     bench.add_argument(
+        "--ab-load",
+        type=float,
+        help="the A/B's load, a share of the bulk rate (0.5: half load, as the freshness)",
+    )
+    bench.add_argument(
         "--write-ab-rounds", type=int, help="rounds of the bulk A/B of a batch written in parts (0: skip)"
     )
     bench.add_argument("--write-ab-n", type=int, help="rows per bulk load of that A/B")

@@ -65,6 +65,7 @@ class BenchArgs:
     freshness_s: float = 120.0
     ab_rounds: int = 2  # rounds of the freshness A/B (consumer policies alternated); 0: skip it
     ab_seconds: float = 40.0  # steady load per policy and round
+    ab_load: float = 0.5  # the A/B's load as a share of the bulk rate: half load, or nearer saturation
     write_ab_rounds: int = 3  # rounds of the bulk A/B of a batch written at once or in parts; 0: skip it
     write_ab_n: int = 1000  # rows per bulk load of that A/B
     latency_n: int = 500  # per condition; a p99 from 200 samples is its 2nd-largest: one outlier moved it 50%
@@ -372,6 +373,7 @@ def pipeline_phases(
             bulk["ratio_to_model_phase"] = bulk["texts_per_s"] / raw if raw == raw else math.nan
             result["end_to_end"] = bulk
             rate = max(bulk["texts_per_s"] / 2, 0.5)
+            ab_rate = max(bulk["texts_per_s"] * args.ab_load, 0.5)
             key, ids, duration = (
                 ("soak", SOAK_IDS, args.soak_minutes * 60) if args.soak_minutes > 0
                 else ("freshness", STEADY_IDS, args.freshness_s)
@@ -415,7 +417,7 @@ def pipeline_phases(
         ab_log = settings.stack_dir / "logs" / "bench-consumer-ab.log"
         with psycopg.connect(settings.dsn) as conn:
             result["freshness_ab"] = freshness_ab(
-                conn, env, ab_rows, rate, args.ab_seconds, args.ab_rounds, ab_log, say
+                conn, env, ab_rows, ab_rate, args.ab_seconds, args.ab_rounds, ab_log, say
             )
     if args.soak_minutes <= 0 and args.write_ab_rounds > 0:
         write_rows = cycle_rows(args.corpus, WRITE_AB_IDS, skip=n_bulk)

@@ -231,6 +231,7 @@ def test_replay_time_bounds(value: str | None, ms: int | None) -> None:
             ["bench", "--n", "50", "--latency-n", "7", "--keep-stack", "--out", "r"],
             {"n": 50, "latency_n": 7, "keep_stack": True, "out": Path("r")},
         ),
+        (["bench", "--ab-load", "0.75", "--ab-rounds", "3"], {"ab_load": 0.75, "ab_rounds": 3}),
     ],
 )
 def test_bench_options_reach_bench_args_and_the_rest_keep_its_defaults(
